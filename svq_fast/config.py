@@ -1,0 +1,367 @@
+"""Typed run configuration: keyword-only dataclasses, strict `--section.field=value` overrides, and the
+DeepSpeed config generated from them.
+
+A run config is a `Stage1Config` (autoencoder) or `Stage2Config` (Transformer). Named runs live in
+`recipes/configs.py` as functions returning one of these. Overrides name a section and a field; an
+unknown section or field, or a value that does not parse as the field's type, raises `ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass(kw_only=True)
+class QuantizerConfig:
+    """Nearest-codebook quantizer (one per latent: image and semantic)."""
+
+    image_codebook_size: int = 16384
+    semantic_codebook_size: int = 4096
+    beta: float = 0.25  # weight of the commitment term beta * ||z - sg[e]||^2 (textbook placement)
+    backend: Literal["auto", "triton", "native", "ref"] = "auto"
+    cosine: bool = False  # l2-normalise latents and codes before the lookup
+
+
+@dataclass(kw_only=True)
+class SVQModelConfig:
+    """Stage-1 autoencoder. `kind` selects the member of the model family:
+    svq: shared encoder over (x, s), semantic + image decoders (the paper's sVQVAE / sVQGAN);
+    image: image-only VQ model (VQVAE / VQGAN); semantic: semantic-only VQVAE (the baseline's conditioner).
+    """
+
+    kind: Literal["svq", "image", "semantic"] = "svq"
+    image_size: int = 256
+    num_classes: int = 243  # unified label space; label value `ignore_index` marks unlabeled pixels
+    ignore_index: int = 255
+    ch: int = 128  # base width
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # one entry per resolution; len-1 downsamplings
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get a self-attention block
+    dropout: float = 0.0
+    norm_groups: int = 32  # GroupNorm groups; must divide every width
+    z_channels: int = 256  # image latent / code dimension
+    semantic_z_channels: int = 256  # semantic latent / code dimension
+    image_dropout: float = 0.0  # probability of hiding x from the encoder (reference-free z_s)
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Stage-1 loss, equation (3): L_VQ(x, x_hat) + lambda * L_VQVAE(s, s_hat)."""
+
+    semantic_weight: float = 0.1  # lambda
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 0.0  # LPIPS; needs lpips_vgg_path
+    lpips_vgg_path: str = ""
+    gan: bool = True  # VQGAN (hinge PatchGAN) vs VQVAE
+    disc_weight: float = 0.8
+    disc_start: int = 0  # generator step at which the adversarial term enters the generator loss
+    disc_warmup: int = 0  # discriminator-only steps before disc_start (the discriminator is trained throughout)
+    adaptive_weight: bool = True  # taming's gradient-norm ratio at the decoder's last layer
+    adaptive_weight_max: float = 1e4
+    disc_ch: int = 64
+    disc_layers: int = 3
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    """Stage-2 Transformer over [z_s tokens ; z_x tokens]; loss on z_x tokens only."""
+
+    image_vocab: int = 16384
+    semantic_vocab: int = 4096
+    grid: int = 16  # latent grid side; 256 image + 256 semantic tokens at 16
+    n_layer: int = 24
+    n_head: int = 16
+    n_embd: int = 1024
+    dropout: float = 0.0
+    bias: bool = False
+    attn_backend: Literal["auto", "triton", "xformers", "sdpa", "ref"] = "auto"
+    prefix_lm: bool = False  # semantic tokens attend bidirectionally among themselves
+    cfg_dropout: float = 0.1  # probability of replacing the condition by learned null tokens
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the shards are and how they are streamed."""
+
+    train_shards: str = ""  # a directory of .tar shards, a glob, or a brace pattern
+    val_shards: str = ""
+    synthetic_default: str = "data/synthetic"  # written by `make_shards --dataset synthetic` if empty
+    image_size: int = 256
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    random_flip: bool = True
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 4.5e-6 * 8  # taming's base lr x batch 8
+    disc_lr: float = 0.0  # 0 = same as lr
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0
+    micro_batch: int = 8  # per rank
+    grad_accum: int = 1
+    max_steps: int = 1000
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = False
+    overlap_comm: bool = False
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    every: int = 10  # scalars every N steps
+    image_every: int = 0  # image grids every N steps (0 = never)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm on rank 0
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"
+    seed: int = 0
+    save_every: int = 0  # DeepSpeed checkpoint every N steps (0 = only at the end)
+    keep_last: int = 3
+    resume: str = ""  # "" | "auto" | a checkpoint tag directory
+
+
+@dataclass(kw_only=True)
+class Stage1Config:
+    model: SVQModelConfig = field(default_factory=SVQModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    guidance_scale: float = 1.0  # 1.0 = no classifier-free guidance
+
+
+@dataclass(kw_only=True)
+class Stage2Config:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    stage1: str = ""  # directory of the stage-1 safetensors export (model.safetensors + config.json)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# overrides
+
+
+def _parse_value(key: str, text: str, tp: Any) -> Any:
+    """Parse `text` as type `tp` (the resolved annotation); raise ConfigError naming `key` if it does not fit."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _parse_value(key, text, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: cannot parse {text!r} as {tp}")
+    if origin is Literal:
+        for a in args:
+            try:
+                v = _parse_value(key, text, type(a))
+            except ConfigError:
+                continue
+            if v == a:
+                return a
+        raise ConfigError(f"{key}: {text!r} is not one of {list(args)}")
+    if origin is tuple:
+        parts = [p for p in text.strip("()[] ").split(",") if p.strip() != ""]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse_value(key, p.strip(), args[0]) for p in parts)
+        if len(parts) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse_value(key, p.strip(), a) for p, a in zip(parts, args))
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+    if tp is str:
+        return text
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def set_value(cfg: Any, dotted: str, text: str) -> None:
+    """Set `section.field` (any depth) on a config from its string form, strictly."""
+    parts = dotted.split(".")
+    target = cfg
+    for i, name in enumerate(parts):
+        if not dataclasses.is_dataclass(target):
+            raise ConfigError(f"{'.'.join(parts[:i])} is a value, not a section (in --{dotted})")
+        hints = _field_types(target)
+        if name not in hints:
+            where = ".".join(parts[:i]) or type(cfg).__name__
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key --{dotted}: {where!r} has no field {name!r} (known: {known})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(target, name)):
+                raise ConfigError(f"--{dotted} names a whole section; set one of its fields")
+            setattr(target, name, _parse_value(dotted, text, hints[name]))
+        else:
+            target = getattr(target, name)
+
+
+def apply_overrides(cfg: Any, args: list[str]) -> Any:
+    """Apply `--section.field=value` (or `--section.field value`) arguments in order; returns cfg."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.field=value")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{body} needs a value")
+            key, value = body, args[i + 1]
+            i += 1
+        set_value(cfg, key, value)
+        i += 1
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    if isinstance(cfg, Stage1Config):
+        m = cfg.model
+        for w in [m.ch * k for k in m.ch_mult]:
+            if w % m.norm_groups:
+                raise ConfigError(f"model.norm_groups={m.norm_groups} does not divide width {w} (ch * ch_mult)")
+        factor = 2 ** (len(m.ch_mult) - 1)
+        if m.image_size % factor:
+            raise ConfigError(f"model.image_size={m.image_size} is not divisible by the downsampling {factor}")
+        if cfg.data.image_size != m.image_size:
+            raise ConfigError(f"data.image_size={cfg.data.image_size} differs from model.image_size={m.image_size}")
+    if isinstance(cfg, Stage2Config):
+        g = cfg.model
+        if g.n_embd % g.n_head:
+            raise ConfigError(f"model.n_embd={g.n_embd} is not divisible by model.n_head={g.n_head}")
+    opt = cfg.optim
+    if opt.micro_batch < 1 or opt.grad_accum < 1:
+        raise ConfigError("optim.micro_batch and optim.grad_accum must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# serialisation and DeepSpeed
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict, *, where: str = "") -> Any:
+    """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys raise."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in hints:
+            raise ConfigError(f"unknown config key {path!r} for {cls.__name__}")
+        tp = hints[key]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, where=path)
+        elif typing.get_origin(tp) is tuple:
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps({"type": type(cfg).__name__, "config": to_dict(cfg)}, indent=2)
+
+
+def from_json(text: str) -> Any:
+    blob = json.loads(text)
+    cls = {"Stage1Config": Stage1Config, "Stage2Config": Stage2Config}.get(blob.get("type"))
+    if cls is None:
+        raise ConfigError(f"config JSON has unknown type {blob.get('type')!r}")
+    return from_dict(cls, blob["config"])
+
+
+def to_deepspeed(cfg: Stage1Config | Stage2Config, world_size: int) -> dict:
+    """The DeepSpeed config dict for this run. Batch identity: train_batch = micro * accum * world."""
+    opt, zero = cfg.optim, cfg.zero
+    ds: dict[str, Any] = {
+        "train_batch_size": opt.micro_batch * opt.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": opt.micro_batch,
+        "gradient_accumulation_steps": opt.grad_accum,
+        "gradient_clipping": opt.grad_clip,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        # The optimizer is a torch one passed to deepspeed.initialize (no JIT-built fused Adam).
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": zero.stage},
+    }
+    if zero.stage > 0:
+        ds["zero_optimization"].update({"overlap_comm": zero.overlap_comm, "contiguous_gradients": True})
+        if zero.offload_optimizer:
+            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if zero.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif zero.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
+    return ds
