@@ -1,0 +1,1 @@
+"""Data path: label spaces, shard writing, synthetic scenes, streaming loader, joint transforms."""

@@ -1,0 +1,143 @@
+"""WebDataset shard format for (image, semantic map) pairs: writing, and decoding one sample.
+
+A shard is a plain tar readable by `webdataset.WebDataset`: members `{key}.image.png|jpg`,
+`{key}.label.png` (8-bit, unified class ids, 255 = ignore) and `{key}.meta.json`. Shards are written to a
+temporary name and renamed when complete, so a crashed writer never leaves a shard that looks finished.
+`index.json` beside the shards lists shard names, sample counts and the class histogram.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+INDEX_NAME = "index.json"
+
+
+class ShardFormatError(ValueError):
+    """A shard member could not be decoded; the message names shard and key."""
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_jpg(array: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_sample(members: dict[str, bytes], *, where: str = "") -> tuple[np.ndarray, np.ndarray, dict]:
+    """members: {'image.png'|'image.jpg': bytes, 'label.png': bytes, 'meta.json': bytes (optional)}
+    -> (image (H, W, 3) uint8, label (H, W) uint8, meta). Raises ShardFormatError naming `where`."""
+    img_key = "image.png" if "image.png" in members else "image.jpg"
+    if img_key not in members or "label.png" not in members:
+        raise ShardFormatError(f"{where}: sample lacks image.(png|jpg) or label.png (has {sorted(members)})")
+    try:
+        image = np.asarray(Image.open(io.BytesIO(members[img_key])).convert("RGB"))
+        label_img = Image.open(io.BytesIO(members["label.png"]))
+        if label_img.mode not in ("L", "P"):
+            raise ShardFormatError(f"{where}: label.png has mode {label_img.mode}, expected 8-bit L")
+        label = np.asarray(label_img)
+        meta = json.loads(members["meta.json"]) if "meta.json" in members else {}
+    except ShardFormatError:
+        raise
+    except Exception as e:
+        raise ShardFormatError(f"{where}: cannot decode ({type(e).__name__}: {e})") from e
+    if image.shape[:2] != label.shape:
+        raise ShardFormatError(f"{where}: image {image.shape[:2]} and label {label.shape} differ in size")
+    return image, label, meta
+
+
+@dataclass
+class ShardWriter:
+    """Writes samples into `{out_dir}/{prefix}-{NNNNNN}.tar`, rolling over every `samples_per_shard`."""
+
+    out_dir: str
+    prefix: str = "shard"
+    samples_per_shard: int = 1000
+    image_format: str = "png"  # png (lossless, default for synthetic) or jpg
+    num_classes: int = 256
+    shards: list[dict] = field(default_factory=list)
+    _tar: object = None
+    _tmp: str = ""
+    _count: int = 0
+    _hist: np.ndarray = None
+
+    def __post_init__(self):
+        os.makedirs(self.out_dir, exist_ok=True)
+        self._hist = np.zeros(256, np.int64)
+
+    def _open(self):
+        import webdataset as wds
+
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tmp = os.path.join(self.out_dir, name + ".tmp")
+        self._tar = wds.TarWriter(self._tmp)
+        self.shards.append({"name": name, "samples": 0})
+
+    def _close_shard(self):
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.replace(self._tmp, os.path.join(self.out_dir, self.shards[-1]["name"]))
+        self._tar = None
+
+    def write(self, key: str, image: np.ndarray, label: np.ndarray, meta: dict | None = None) -> None:
+        """image (H, W, 3) uint8, label (H, W) uint8 unified ids (255 = ignore)."""
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"{key}: image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        if label.dtype != np.uint8 or label.shape != image.shape[:2]:
+            raise ValueError(
+                f"{key}: label must be (H, W) uint8 matching the image, got {label.shape} {label.dtype}"
+            )
+        if "." in key:
+            raise ValueError(f"{key}: keys must not contain '.' (WebDataset splits member names on it)")
+        if self._tar is None:
+            self._open()
+        encode = encode_png if self.image_format == "png" else encode_jpg
+        sample = {
+            "__key__": key,
+            f"image.{self.image_format}": encode(image),
+            "label.png": encode_png(label),
+            "meta.json": json.dumps(meta or {}).encode(),
+        }
+        self._tar.write(sample)
+        self._hist += np.bincount(label.ravel(), minlength=256)
+        self.shards[-1]["samples"] += 1
+        self._count += 1
+        if self.shards[-1]["samples"] >= self.samples_per_shard:
+            self._close_shard()
+
+    def close(self, extra: dict | None = None) -> dict:
+        """Finish the last shard and write index.json; returns the index."""
+        self._close_shard()
+        index = {
+            "shards": self.shards,
+            "num_samples": self._count,
+            "class_histogram": {str(i): int(c) for i, c in enumerate(self._hist) if c},
+            **(extra or {}),
+        }
+        tmp = os.path.join(self.out_dir, INDEX_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, os.path.join(self.out_dir, INDEX_NAME))
+        return index
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # leave no half-written shard behind
+            self._tar.close()
+            os.remove(self._tmp)
