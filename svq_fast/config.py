@@ -174,6 +174,7 @@ class SampleConfig:
 class Stage2Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     stage1: str = ""  # directory of the stage-1 safetensors export (model.safetensors + config.json)
+    stage1_semantic: str = ""  # separate semantic VQVAE export for the VQ-T baseline ("" = coupled model)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)

@@ -1,0 +1,1 @@
+"""Evaluation: sampling from semantic maps, metrics."""

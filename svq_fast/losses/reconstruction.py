@@ -1,0 +1,26 @@
+"""Pixel reconstruction and semantic cross-entropy terms of equation (3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, *, l1_weight: float = 1.0,
+                        l2_weight: float = 0.0) -> torch.Tensor:
+    """Mean L1 (+ L2) over pixels; x, x_hat (B, 3, H, W) in [-1, 1]."""
+    diff = x_hat.float() - x.float()
+    loss = l1_weight * diff.abs().mean()
+    if l2_weight:
+        loss = loss + l2_weight * diff.pow(2).mean()
+    return loss
+
+
+def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Cross-entropy over classes; logits (B, C, H, W), labels (B, H, W); ignore pixels excluded.
+
+    Returns 0 (with a graph) when a batch holds only ignore pixels, rather than NaN.
+    """
+    valid = (labels != ignore_index).sum()
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return loss / valid.clamp_min(1)

@@ -1,0 +1,121 @@
+"""The semantically coupled VQ model (paper Figure 2) and its single-modality baselines.
+
+kind="svq":      shared encoder f_sEnc(x, s) -> (z_x, z_s); semantic decoder f_sDec(z_s) -> s_hat;
+                 image decoder f_xDec(z_x, sg[z_s]) -> x_hat.
+kind="image":    encoder(x) -> z_x -> decoder -> x_hat (VQVAE / VQGAN).
+kind="semantic": encoder(s) -> z_s -> semantic decoder -> s_hat (the conditioning VQVAE of the baseline).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from svq_fast.config import QuantizerConfig, SVQModelConfig
+from svq_fast.nn.quantizer import VectorQuantizer
+from svq_fast.nn.semantic_input import SemanticConv
+
+from .decoder import Decoder
+from .encoder import Encoder
+
+
+class SVQModel(nn.Module):
+    def __init__(self, cfg: SVQModelConfig, qcfg: QuantizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.has_image = cfg.kind in ("svq", "image")
+        self.has_semantic = cfg.kind in ("svq", "semantic")
+        shape = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
+                     attn_resolutions=cfg.attn_resolutions, resolution=cfg.image_size, groups=cfg.norm_groups,
+                     dropout=cfg.dropout)
+        zx = cfg.z_channels if self.has_image else 0
+        zs = cfg.semantic_z_channels if self.has_semantic else 0
+        # Encoder stem: conv over concat(x, onehot(s)) written as conv_x(x) + conv_s(onehot(s)).
+        self.stem_x = nn.Conv2d(3, cfg.ch, 3, padding=1) if self.has_image else None
+        self.stem_s = SemanticConv(cfg.num_classes, cfg.ch, ignore_index=cfg.ignore_index,
+                                   bias=not self.has_image) if self.has_semantic else None
+        self.encoder = Encoder(out_channels=zx + zs, **shape)
+        q = dict(beta=qcfg.beta, cosine=qcfg.cosine, backend=qcfg.backend)
+        if self.has_image:
+            self.quant_x = nn.Conv2d(zx, zx, 1)
+            self.quantizer_x = VectorQuantizer(qcfg.image_codebook_size, zx, **q)
+            self.post_quant_x = nn.Conv2d(zx + zs, zx + zs, 1)
+            self.decoder_x = Decoder(in_channels=zx + zs, out_channels=3, **shape)
+        if self.has_semantic:
+            self.quant_s = nn.Conv2d(zs, zs, 1)
+            self.quantizer_s = VectorQuantizer(qcfg.semantic_codebook_size, zs, **q)
+            self.post_quant_s = nn.Conv2d(zs, zs, 1)
+            self.decoder_s = Decoder(in_channels=zs, out_channels=cfg.num_classes, **shape)
+        # Learned fill for the hidden image when training for reference-free semantic encoding.
+        self.image_fill = nn.Parameter(torch.zeros(1, 3, 1, 1)) if cfg.image_dropout > 0 else None
+
+    # -- encoding -------------------------------------------------------------------------------------
+
+    def _stem(self, x: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor:
+        h = 0
+        if self.has_image:
+            h = h + self.stem_x(x)
+        if self.has_semantic:
+            h = h + self.stem_s(s)
+        return h
+
+    def _hide_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Image-modality dropout: per sample, replace x by the learned fill with probability p."""
+        if not (self.training and self.image_fill is not None and self.cfg.kind == "svq"):
+            return x
+        drop = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.cfg.image_dropout
+        return torch.where(drop, self.image_fill.to(x.dtype).expand_as(x), x)
+
+    def encode(self, x: torch.Tensor | None, s: torch.Tensor | None):
+        """-> dict with quantized latents z_x / z_s (B, D, h, w), their indices (B, h, w) and VQ losses."""
+        if self.has_image and x is None:
+            raise ValueError("this model encodes images: pass x (B, 3, H, W)")
+        if self.has_semantic and s is None:
+            raise ValueError("this model encodes semantic maps: pass s (B, H, W)")
+        h = self.encoder(self._stem(self._hide_image(x) if x is not None else None, s))
+        zx = self.cfg.z_channels if self.has_image else 0
+        out: dict = {}
+        if self.has_image:
+            z_x, loss_x, info_x = self.quantizer_x(self.quant_x(h[:, :zx]))
+            out.update(z_x=z_x, vq_loss_x=loss_x, indices_x=info_x["indices"], perplexity_x=info_x["perplexity"])
+        if self.has_semantic:
+            z_s, loss_s, info_s = self.quantizer_s(self.quant_s(h[:, zx:]))
+            out.update(z_s=z_s, vq_loss_s=loss_s, indices_s=info_s["indices"], perplexity_s=info_s["perplexity"])
+        return out
+
+    @torch.no_grad()
+    def encode_semantic(self, s: torch.Tensor) -> torch.Tensor:
+        """Semantic token ids (B, h, w) from s alone: the image input is the learned fill (or zeros)."""
+        x = None
+        if self.has_image:
+            b, h, w = s.shape
+            fill = self.image_fill if self.image_fill is not None else torch.zeros(1, 3, 1, 1, device=s.device)
+            x = fill.expand(b, 3, h, w)
+        return self.encode(x, s)["indices_s"]
+
+    # -- decoding -------------------------------------------------------------------------------------
+
+    def decode_image(self, z_x: torch.Tensor, z_s: torch.Tensor | None) -> torch.Tensor:
+        """x_hat from z_x and sg[z_s] (the stop-gradient makes z_s the semantic branch's alone)."""
+        z = torch.cat([z_x, z_s.detach()], 1) if self.has_semantic else z_x
+        return self.decoder_x(self.post_quant_x(z))
+
+    def decode_semantic(self, z_s: torch.Tensor) -> torch.Tensor:
+        return self.decoder_s(self.post_quant_s(z_s))  # (B, num_classes, H, W) logits
+
+    def decode_indices(self, indices_x: torch.Tensor | None, indices_s: torch.Tensor | None) -> torch.Tensor:
+        """Image from token ids (B, h, w): the sampling path."""
+        z_x = self.quantizer_x.lookup(indices_x)
+        z_s = self.quantizer_s.lookup(indices_s) if self.has_semantic else None
+        return self.decode_image(z_x, z_s)
+
+    def forward(self, x: torch.Tensor | None, s: torch.Tensor | None) -> dict:
+        out = self.encode(x, s)
+        if self.has_image:
+            out["x_hat"] = self.decode_image(out["z_x"], out.get("z_s"))
+        if self.has_semantic:
+            out["s_logits"] = self.decode_semantic(out["z_s"])
+        return out
+
+    def image_last_layer(self) -> nn.Conv2d:
+        return self.decoder_x.conv_out

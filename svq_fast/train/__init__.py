@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine construction, the stage loops, checkpoints and exports, logging."""

@@ -1,0 +1,42 @@
+"""Resolving a run's shards (generating the built-in synthetic data on first use) and building its loader."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from svq_fast.config import DataConfig
+from svq_fast.data.loader import list_shards, make_loader
+
+
+def ensure_synthetic(cfg: DataConfig, split: str, num_samples: int, rank: int) -> str:
+    """Directory of synthetic shards for `split`; rank 0 writes them once if absent, the others wait."""
+    from svq_fast.data.make_shards import write_synthetic
+
+    out = os.path.join(cfg.synthetic_default, f"{cfg.image_size}px", split)
+    if rank == 0 and not os.path.exists(os.path.join(out, "index.json")):
+        write_synthetic(out, split=split, size=cfg.image_size, num_samples=num_samples, seed=cfg.seed,
+                        samples_per_shard=max(50, num_samples // 8))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def resolve_shards(cfg: DataConfig, split: str, rank: int) -> list[str]:
+    spec = cfg.train_shards if split == "train" else cfg.val_shards
+    if not spec:
+        spec = ensure_synthetic(cfg, split, 4000 if split == "train" else 256, rank)
+    return list_shards(spec)
+
+
+def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, seed_offset: int = 0):
+    shards = resolve_shards(cfg, "train", rank)
+    return make_loader(shards, batch_size=micro_batch, image_size=cfg.image_size, rank=rank, world_size=world_size,
+                       seed=cfg.seed + seed_offset, num_workers=cfg.num_workers, resampled=True,
+                       flip=cfg.random_flip, shuffle_buffer=cfg.shuffle_buffer)
+
+
+def forever(loader):
+    while True:
+        yield from loader

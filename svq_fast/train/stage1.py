@@ -1,0 +1,184 @@
+"""Stage-1 training loop: the sVQ model (generator engine) and the PatchGAN (discriminator engine).
+
+Per optimizer step and micro-batch:
+  1. generator: L = L_rec + L_vq,x + lambda (CE_s + L_vq,s) [+ d_weight * disc_weight * L_adv once past disc_start]
+  2. discriminator: hinge loss on (x, sg[x_hat]), trained from disc_start - disc_warmup on.
+The generator's adversarial term must not leave reduction state in the discriminator engine (DESIGN.md 6):
+under ZeRO 0-2 it runs the discriminator functionally on detached weights; under ZeRO-3 (where weights are
+partitioned and gathered by module hooks) it runs the module with requires_grad switched off.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+import torch
+from torch.func import functional_call
+
+from svq_fast.config import Stage1Config
+from svq_fast.losses.gan import adaptive_weight, generator_adv_loss, hinge_d_loss
+from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
+from svq_fast.models.svq import PatchDiscriminator, SVQModel
+from svq_fast.train.checkpoint import (
+    export_safetensors,
+    full_state_dict,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from svq_fast.train.data import forever, train_loader
+from svq_fast.train.engine import all_reduce_mean, autocast_dtype, build_engine, device, init_distributed
+from svq_fast.train.logger import RunLogger
+from svq_fast.train.run_dir import prepare_run
+
+
+@contextmanager
+def _frozen(module: torch.nn.Module):
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def generator_adv_logits(disc_engine, x_hat: torch.Tensor) -> torch.Tensor:
+    """Discriminator logits on x_hat with gradient to x_hat only, never to the discriminator's weights."""
+    module = disc_engine.module
+    if disc_engine.zero_optimization_stage() == 3:
+        with _frozen(module):
+            return module(x_hat)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    buffers = dict(module.named_buffers())
+    return functional_call(module, {**params, **buffers}, (x_hat,))
+
+
+def _weight_shape(param: torch.Tensor):
+    return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape in ds_shape
+
+
+class Stage1Step:
+    """One micro-batch of generator + discriminator work; returns detached scalars for logging."""
+
+    def __init__(self, cfg: Stage1Config, gen, disc):
+        self.cfg, self.gen, self.disc = cfg, gen, disc
+        self.model: SVQModel = gen.module
+        self.dtype = autocast_dtype(cfg)
+
+    def __call__(self, batch: dict, step: int, dev: torch.device) -> dict[str, float]:
+        cfg, m = self.cfg, self.model
+        x = batch["image"].to(dev, self.dtype) if m.has_image else None
+        s = batch["label"].to(dev) if m.has_semantic else None
+        out = self.gen(x, s)
+        logs: dict[str, float] = {}
+        loss = torch.zeros((), device=dev)
+        nll = None
+        if m.has_image:
+            nll = reconstruction_loss(out["x_hat"], x, l1_weight=cfg.loss.l1_weight, l2_weight=cfg.loss.l2_weight)
+            loss = loss + nll + out["vq_loss_x"]
+            logs.update(rec=nll.item(), vq_x=out["vq_loss_x"].item(), perplexity_x=out["perplexity_x"].item())
+        if m.has_semantic:
+            ce = semantic_loss(out["s_logits"], s, cfg.model.ignore_index)
+            weight = cfg.loss.semantic_weight if m.has_image else 1.0  # lambda only couples two modalities
+            loss = loss + weight * (ce + out["vq_loss_s"])
+            with torch.no_grad():
+                valid = s != cfg.model.ignore_index
+                acc = ((out["s_logits"].argmax(1) == s) & valid).sum() / valid.sum().clamp_min(1)
+            logs.update(sem_ce=ce.item(), vq_s=out["vq_loss_s"].item(), sem_acc=acc.item(),
+                        perplexity_s=out["perplexity_s"].item())
+        if self.disc is not None and step >= cfg.loss.disc_start:
+            x_hat = out["x_hat"]
+            g_loss = generator_adv_loss(generator_adv_logits(self.disc, x_hat))
+            if cfg.loss.adaptive_weight:
+                conv = m.image_last_layer()
+                d_weight = adaptive_weight(nll, g_loss, x_hat, m.decoder_x.last_hidden, _weight_shape(conv.weight),
+                                           max_weight=cfg.loss.adaptive_weight_max)
+            else:
+                d_weight = torch.ones((), device=dev)
+            loss = loss + cfg.loss.disc_weight * d_weight * g_loss
+            logs.update(g_adv=g_loss.item(), d_weight=d_weight.item())
+        self.gen.backward(loss)
+        self.gen.step()
+        logs["loss"] = loss.item()
+
+        if self.disc is not None and step >= cfg.loss.disc_start - cfg.loss.disc_warmup:
+            b = x.shape[0]
+            logits = self.disc(torch.cat([x, out["x_hat"].detach()]))  # one pass: real then fake
+            d_loss = hinge_d_loss(logits[:b], logits[b:])
+            self.disc.backward(d_loss)
+            self.disc.step()
+            logs.update(d_loss=d_loss.item(), logits_real=logits[:b].mean().item(),
+                        logits_fake=logits[b:].mean().item())
+        return logs
+
+
+def train_stage1(cfg: Stage1Config) -> dict:
+    rank, world = init_distributed()
+    run_dir = prepare_run(cfg, rank)
+    dev = device()
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+    model = SVQModel(cfg.model, cfg.quantizer)
+    gen, _, gen_sched = build_engine(model, cfg, world_size=world)
+    disc = None
+    engines = {"generator": gen}
+    if cfg.loss.gan and model.has_image:
+        d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers)
+        disc, _, _ = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)
+        engines["discriminator"] = disc
+
+    start = 0
+    resume_dir = resolve_resume(run_dir, cfg.run.resume)
+    if resume_dir:
+        start = int(load_checkpoint(resume_dir, engines).get("step", 0))
+    torch.manual_seed(cfg.run.seed * 1000 + rank + 7919 * start)  # per-rank stream for dropout etc.
+    batches = forever(train_loader(cfg.data, cfg.optim.micro_batch, rank, world, seed_offset=start))
+    step_fn = Stage1Step(cfg, gen, disc)
+    log = RunLogger(run_dir, rank=rank, total_steps=cfg.optim.max_steps, initial_step=start,
+                    tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, desc="stage1")
+    history: list[dict] = []
+    window: dict[str, float] = {}
+    n_window, t_window, data_time = 0, time.perf_counter(), 0.0
+    for step in range(start, cfg.optim.max_steps):
+        for _ in range(cfg.optim.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_time += time.perf_counter() - t0
+            for k, v in step_fn(batch, step, dev).items():
+                window[k] = window.get(k, 0.0) + v / cfg.optim.grad_accum
+        n_window += 1
+        log.advance({"loss": window["loss"] / n_window})
+        last = step + 1 == cfg.optim.max_steps
+        if (step + 1) % cfg.log.every == 0 or last:
+            elapsed = time.perf_counter() - t_window
+            means = all_reduce_mean({k: v / n_window for k, v in window.items()}, dev)
+            samples = n_window * cfg.optim.micro_batch * cfg.optim.grad_accum
+            scalars = {f"loss/{k}": v for k, v in means.items()}
+            scalars.update({"throughput/samples_per_s": samples * world / elapsed,
+                            "throughput/images_per_s_per_rank": samples / elapsed,
+                            "throughput/data_wait_fraction": data_time / elapsed,
+                            "lr": gen_sched.get_last_lr()[0]})
+            log.scalars(step + 1, scalars)
+            history.append({"step": step + 1, **means})
+            window, n_window, t_window, data_time = {}, 0, time.perf_counter(), 0.0
+        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and not last:
+            save_checkpoint(run_dir, step + 1, engines, {"step": step + 1}, cfg.run.keep_last)
+    log.close()
+    save_checkpoint(run_dir, cfg.optim.max_steps, engines, {"step": cfg.optim.max_steps}, cfg.run.keep_last)
+    state = full_state_dict(gen)
+    if rank == 0:
+        export_safetensors(state, cfg, os.path.join(run_dir, "export"))
+        _write_history(run_dir, history)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return {"run_dir": run_dir, "history": history}
+
+
+def _write_history(run_dir: str, history: list[dict]) -> None:
+    import json
+
+    with open(os.path.join(run_dir, "history.json"), "w") as f:
+        json.dump(history, f, indent=1)

@@ -1,0 +1,48 @@
+"""Turning (image, semantic map) batches into stage-2 token sequences with frozen stage-1 models.
+
+Coupled (sVQ) model: z_s and z_x both come from the one encoder f_sEnc(x, s).
+Separate baseline (VQ-T): z_x from an image-only VQ model, z_s from a semantic-only VQVAE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from svq_fast.models.svq import SVQModel
+
+
+class Tokenizer:
+    def __init__(self, image_model: SVQModel, semantic_model: SVQModel | None = None):
+        if semantic_model is None and image_model.cfg.kind != "svq":
+            raise ValueError("an image-only stage-1 model needs a separate semantic model for the condition "
+                             "(set stage1_semantic to a semantic VQVAE export)")
+        self.image_model, self.semantic_model = image_model, semantic_model
+
+    @property
+    def semantic_vocab(self) -> int:
+        m = self.semantic_model or self.image_model
+        return m.quantizer_s.codebook_size
+
+    @property
+    def image_vocab(self) -> int:
+        return self.image_model.quantizer_x.codebook_size
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 3, H, W), s (B, H, W) -> (semantic tokens (B, P), image tokens (B, N)), row-major grids."""
+        if self.semantic_model is None:
+            out = self.image_model.encode(x, s)
+            sem, img = out["indices_s"], out["indices_x"]
+        else:
+            img = self.image_model.encode(x, None)["indices_x"]
+            sem = self.semantic_model.encode(None, s)["indices_s"]
+        return sem.flatten(1), img.flatten(1)
+
+    @torch.no_grad()
+    def decode(self, sem_tokens: torch.Tensor, img_tokens: torch.Tensor, grid: int) -> torch.Tensor:
+        """Image tokens (B, N) (+ the condition for the coupled decoder) -> images (B, 3, H, W) in [-1, 1]."""
+        b = img_tokens.shape[0]
+        idx_x = img_tokens.view(b, grid, grid)
+        if self.semantic_model is None:
+            return self.image_model.decode_indices(idx_x, sem_tokens.view(b, grid, grid))
+        return self.image_model.decode_indices(idx_x, None)
