@@ -1,6 +1,6 @@
 """Named run configurations: each function returns a fresh, fully typed config.
 
-    deepspeed recipes/train_svqgan.py --config svqgan_tiny --optim.max_steps=100
+deepspeed recipes/train_svqgan.py --config svqgan_tiny --optim.max_steps=100
 """
 
 from __future__ import annotations
@@ -22,8 +22,17 @@ from svq_fast.data.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
 def svqgan_f16_256() -> Stage1Config:
     """The paper's sVQGAN: 256x256 input, 16x16 latents (f16), codebooks 16384 / 4096, lambda 0.1."""
     return Stage1Config(
-        model=SVQModelConfig(kind="svq", image_size=256, num_classes=243, ch=128, ch_mult=(1, 1, 2, 2, 4),
-                             num_res_blocks=2, attn_resolutions=(16,), z_channels=256, semantic_z_channels=256),
+        model=SVQModelConfig(
+            kind="svq",
+            image_size=256,
+            num_classes=243,
+            ch=128,
+            ch_mult=(1, 1, 2, 2, 4),
+            num_res_blocks=2,
+            attn_resolutions=(16,),
+            z_channels=256,
+            semantic_z_channels=256,
+        ),
         quantizer=QuantizerConfig(image_codebook_size=16384, semantic_codebook_size=4096, beta=0.25),
         loss=LossConfig(semantic_weight=0.1, gan=True, disc_start=10000, disc_warmup=2000, perceptual_weight=1.0),
         data=DataConfig(image_size=256, num_workers=4),
@@ -35,9 +44,18 @@ def svqgan_f16_256() -> Stage1Config:
 def svqgan_tiny() -> Stage1Config:
     """CPU-sized sVQGAN on the synthetic 64x64 scenes: downsampling 4, so latents are still 16x16."""
     return Stage1Config(
-        model=SVQModelConfig(kind="svq", image_size=64, num_classes=SYNTHETIC_CLASSES, ch=32, ch_mult=(1, 2, 2),
-                             num_res_blocks=1, attn_resolutions=(), norm_groups=8, z_channels=32,
-                             semantic_z_channels=16),
+        model=SVQModelConfig(
+            kind="svq",
+            image_size=64,
+            num_classes=SYNTHETIC_CLASSES,
+            ch=32,
+            ch_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            norm_groups=8,
+            z_channels=32,
+            semantic_z_channels=16,
+        ),
         quantizer=QuantizerConfig(image_codebook_size=1024, semantic_codebook_size=256, beta=0.25),
         loss=LossConfig(semantic_weight=0.1, gan=True, disc_start=150, disc_warmup=100, disc_ch=16, disc_layers=2),
         data=DataConfig(image_size=64, num_workers=0, shuffle_buffer=64),
@@ -52,8 +70,15 @@ def gpt_f16_256() -> Stage2Config:
         model=GPTConfig(image_vocab=16384, semantic_vocab=4096, grid=16, n_layer=24, n_head=16, n_embd=1024),
         stage1="runs/svqgan_f16_256/export",
         data=DataConfig(image_size=256, num_workers=4),
-        optim=OptimConfig(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, micro_batch=16, max_steps=200_000,
-                          warmup_steps=2000, lr_schedule="cosine"),
+        optim=OptimConfig(
+            lr=3e-4,
+            betas=(0.9, 0.95),
+            weight_decay=0.01,
+            micro_batch=16,
+            max_steps=200_000,
+            warmup_steps=2000,
+            lr_schedule="cosine",
+        ),
         run=RunConfig(name="gpt_f16_256", out_dir="runs/gpt_f16_256", save_every=5000),
     )
 
@@ -63,8 +88,15 @@ def gpt_tiny() -> Stage2Config:
         model=GPTConfig(image_vocab=1024, semantic_vocab=256, grid=16, n_layer=4, n_head=4, n_embd=128),
         stage1="runs/svqgan_tiny/export",
         data=DataConfig(image_size=64, num_workers=0, shuffle_buffer=64),
-        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, micro_batch=8, max_steps=300,
-                          warmup_steps=20, lr_schedule="cosine"),
+        optim=OptimConfig(
+            lr=1e-3,
+            betas=(0.9, 0.95),
+            weight_decay=0.01,
+            micro_batch=8,
+            max_steps=300,
+            warmup_steps=20,
+            lr_schedule="cosine",
+        ),
         run=RunConfig(name="gpt_tiny", out_dir="runs/gpt_tiny"),
     )
 

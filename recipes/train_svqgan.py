@@ -1,7 +1,7 @@
 """Stage 1: train an sVQ model (or a baseline of the family) under DeepSpeed.
 
-    deepspeed --num_gpus 8 recipes/train_svqgan.py --config svqgan_f16_256 --data.train_shards=/data/shards/train
-    deepspeed --num_gpus 2 recipes/train_svqgan.py            # CPU: tiny model on the built-in synthetic data
+deepspeed --num_gpus 8 recipes/train_svqgan.py --config svqgan_f16_256 --data.train_shards=/data/shards/train
+deepspeed --num_gpus 2 recipes/train_svqgan.py            # CPU: tiny model on the built-in synthetic data
 """
 
 import sys

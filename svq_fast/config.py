@@ -70,9 +70,7 @@ class LossConfig:
     gan: bool = True  # VQGAN (hinge PatchGAN) vs VQVAE
     disc_weight: float = 0.8
     disc_start: int = 0  # generator step at which the adversarial term enters the generator loss
-    disc_warmup: int = (
-        0  # discriminator-only steps before disc_start (the discriminator is trained throughout)
-    )
+    disc_warmup: int = 0  # discriminator-only steps before disc_start (the discriminator is trained throughout)
     adaptive_weight: bool = True  # taming's gradient-norm ratio at the decoder's last layer
     adaptive_weight_max: float = 1e4
     disc_ch: int = 64
@@ -102,7 +100,8 @@ class DataConfig:
 
     train_shards: str = ""  # a directory of .tar shards, a glob, or a brace pattern
     val_shards: str = ""
-    synthetic_default: str = "data/synthetic"  # written by `make_shards --dataset synthetic` if empty
+    synthetic_default: str = "data/synthetic"  # used when train_shards is empty; generated on first use
+    synthetic_train_samples: int = 4000  # size of the generated synthetic train split (val: 256)
     image_size: int = 256
     num_workers: int = 2
     shuffle_buffer: int = 256
@@ -256,9 +255,7 @@ def set_value(cfg: Any, dotted: str, text: str) -> None:
         if name not in hints:
             where = ".".join(parts[:i]) or type(cfg).__name__
             known = ", ".join(sorted(hints))
-            raise ConfigError(
-                f"unknown config key --{dotted}: {where!r} has no field {name!r} (known: {known})"
-            )
+            raise ConfigError(f"unknown config key --{dotted}: {where!r} has no field {name!r} (known: {known})")
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(target, name)):
                 raise ConfigError(f"--{dotted} names a whole section; set one of its fields")
@@ -294,18 +291,12 @@ def validate(cfg: Any) -> None:
         m = cfg.model
         for w in [m.ch * k for k in m.ch_mult]:
             if w % m.norm_groups:
-                raise ConfigError(
-                    f"model.norm_groups={m.norm_groups} does not divide width {w} (ch * ch_mult)"
-                )
+                raise ConfigError(f"model.norm_groups={m.norm_groups} does not divide width {w} (ch * ch_mult)")
         factor = 2 ** (len(m.ch_mult) - 1)
         if m.image_size % factor:
-            raise ConfigError(
-                f"model.image_size={m.image_size} is not divisible by the downsampling {factor}"
-            )
+            raise ConfigError(f"model.image_size={m.image_size} is not divisible by the downsampling {factor}")
         if cfg.data.image_size != m.image_size:
-            raise ConfigError(
-                f"data.image_size={cfg.data.image_size} differs from model.image_size={m.image_size}"
-            )
+            raise ConfigError(f"data.image_size={cfg.data.image_size} differs from model.image_size={m.image_size}")
     if isinstance(cfg, Stage2Config):
         g = cfg.model
         if g.n_embd % g.n_head:

@@ -26,8 +26,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-         generator: torch.Generator | None) -> torch.Tensor:
+def draw(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B,) int64."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -47,9 +48,17 @@ def _guided(logits: torch.Tensor, b: int, scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_image_tokens(gpt: SemanticGPT, sem_tokens: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                        top_p: float = 1.0, guidance_scale: float = 1.0, generator: torch.Generator | None = None,
-                        use_cache: bool = True) -> torch.Tensor:
+def sample_image_tokens(
+    gpt: SemanticGPT,
+    sem_tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
     """sem_tokens (B, P) -> image tokens (B, N)."""
     b = sem_tokens.shape[0]
     cfg_on = guidance_scale != 1.0

@@ -25,8 +25,16 @@ def conv_weight_grad(hidden: torch.Tensor, grad_out: torch.Tensor, weight_shape,
     return torch.nn.grad.conv2d_weight(hidden.float(), tuple(weight_shape), grad_out.float(), padding=padding)
 
 
-def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, x_hat: torch.Tensor, hidden: torch.Tensor,
-                    weight_shape, *, padding: int = 1, max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_weight(
+    rec_loss: torch.Tensor,
+    adv_loss: torch.Tensor,
+    x_hat: torch.Tensor,
+    hidden: torch.Tensor,
+    weight_shape,
+    *,
+    padding: int = 1,
+    max_weight: float = 1e4,
+) -> torch.Tensor:
     """taming's d_weight = ||grad rec|| / (||grad adv|| + 1e-4), clamped to [0, max]; returns a detached scalar.
 
     rec_loss, adv_loss: scalars that depend on x_hat (B, 3, H, W), the output of the conv whose input is `hidden`.

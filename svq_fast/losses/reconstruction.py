@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, *, l1_weight: float = 1.0,
-                        l2_weight: float = 0.0) -> torch.Tensor:
+def reconstruction_loss(
+    x_hat: torch.Tensor, x: torch.Tensor, *, l1_weight: float = 1.0, l2_weight: float = 0.0
+) -> torch.Tensor:
     """Mean L1 (+ L2) over pixels; x, x_hat (B, 3, H, W) in [-1, 1]."""
     diff = x_hat.float() - x.float()
     loss = l1_weight * diff.abs().mean()

@@ -59,8 +59,12 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg, layer)
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias), nn.GELU(approximate="tanh"),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias), nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias),
+            nn.Dropout(cfg.dropout),
+        )
 
     def forward(self, x, prefix_len, cache):
         x = x + self.attn(self.ln1(x), prefix_len, cache)
@@ -131,7 +135,9 @@ class SemanticGPT(nn.Module):
         h = h + self._positions(0, h.shape[1], h.device)[None]
         h = self._run(h, None)[:, self.n_sem - 1 :]  # (B, N, C): hidden states that predict image tokens
         logits = self.head(h)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), img_tokens.reshape(-1))
+        # the softmax runs in at least fp32 whatever the training precision
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(wide.reshape(-1, logits.shape[-1]), img_tokens.reshape(-1))
         return logits, loss
 
     # -- incremental decoding -------------------------------------------------------------------------
@@ -147,8 +153,9 @@ class SemanticGPT(nn.Module):
         h = self.img_emb(img_token)[:, None] + self._positions(pos, 1, img_token.device)[None]
         return self.head(self._run(h, cache)[:, -1])
 
-    def logits_full(self, sem_tokens: torch.Tensor, img_prefix: torch.Tensor,
-                    uncond: torch.Tensor | None = None) -> torch.Tensor:
+    def logits_full(
+        self, sem_tokens: torch.Tensor, img_prefix: torch.Tensor, uncond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits for the next image token after img_prefix (B, n) by full recomputation: (B, V)."""
         h = self._embed_condition(sem_tokens, uncond)
         if img_prefix.shape[1]:

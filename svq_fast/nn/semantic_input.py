@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def semantic_conv_ref(labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      ignore_index: int) -> torch.Tensor:
+def semantic_conv_ref(
+    labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor:
     """labels (B, H, W) int64, weight (Cout, num_classes, k, k) -> (B, Cout, H, W) (same padding)."""
     num_classes = weight.shape[1]
     valid = labels != ignore_index
@@ -28,8 +29,9 @@ def semantic_conv_ref(labels: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 class SemanticConv(nn.Module):
-    def __init__(self, num_classes: int, out_channels: int, *, kernel_size: int = 3, ignore_index: int = 255,
-                 bias: bool = True):
+    def __init__(
+        self, num_classes: int, out_channels: int, *, kernel_size: int = 3, ignore_index: int = 255, bias: bool = True
+    ):
         super().__init__()
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.weight = nn.Parameter(torch.empty(out_channels, num_classes, kernel_size, kernel_size))

@@ -34,8 +34,12 @@ def _rank() -> int:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -159,8 +163,9 @@ def read_export(export_dir: str):
     config = os.path.join(export_dir, "config.json")
     for path in (weights, config):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: export a trained model first (training writes "
-                                    "<run_dir>/export/ at the end)")
+            raise FileNotFoundError(
+                f"{path} not found: export a trained model first (training writes <run_dir>/export/ at the end)"
+            )
     with open(config) as f:
         cfg = from_json(f.read())
     return cfg, load_file(weights)

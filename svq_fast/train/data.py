@@ -16,8 +16,14 @@ def ensure_synthetic(cfg: DataConfig, split: str, num_samples: int, rank: int) -
 
     out = os.path.join(cfg.synthetic_default, f"{cfg.image_size}px", split)
     if rank == 0 and not os.path.exists(os.path.join(out, "index.json")):
-        write_synthetic(out, split=split, size=cfg.image_size, num_samples=num_samples, seed=cfg.seed,
-                        samples_per_shard=max(50, num_samples // 8))
+        write_synthetic(
+            out,
+            split=split,
+            size=cfg.image_size,
+            num_samples=num_samples,
+            seed=cfg.seed,
+            samples_per_shard=max(50, num_samples // 8),
+        )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out
@@ -26,15 +32,24 @@ def ensure_synthetic(cfg: DataConfig, split: str, num_samples: int, rank: int) -
 def resolve_shards(cfg: DataConfig, split: str, rank: int) -> list[str]:
     spec = cfg.train_shards if split == "train" else cfg.val_shards
     if not spec:
-        spec = ensure_synthetic(cfg, split, 4000 if split == "train" else 256, rank)
+        spec = ensure_synthetic(cfg, split, cfg.synthetic_train_samples if split == "train" else 256, rank)
     return list_shards(spec)
 
 
 def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, seed_offset: int = 0):
     shards = resolve_shards(cfg, "train", rank)
-    return make_loader(shards, batch_size=micro_batch, image_size=cfg.image_size, rank=rank, world_size=world_size,
-                       seed=cfg.seed + seed_offset, num_workers=cfg.num_workers, resampled=True,
-                       flip=cfg.random_flip, shuffle_buffer=cfg.shuffle_buffer)
+    return make_loader(
+        shards,
+        batch_size=micro_batch,
+        image_size=cfg.image_size,
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.seed + seed_offset,
+        num_workers=cfg.num_workers,
+        resampled=True,
+        flip=cfg.random_flip,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
 
 
 def forever(loader):

@@ -23,11 +23,13 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(
+            dist_backend=None if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False, verbose=False
+        )
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -55,8 +57,7 @@ def lr_lambda(opt: OptimConfig):
     return f
 
 
-def build_engine(model: torch.nn.Module, cfg: Stage1Config | Stage2Config, *, lr: float | None = None,
-                 world_size: int):
+def build_engine(model: torch.nn.Module, cfg: Stage1Config | Stage2Config, *, lr: float | None = None, world_size: int):
     """Wrap `model` in a DeepSpeed engine with a torch AdamW and the generated config dict."""
     import deepspeed
 
@@ -68,7 +69,8 @@ def build_engine(model: torch.nn.Module, cfg: Stage1Config | Stage2Config, *, lr
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or opt.lr, betas=opt.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=to_deepspeed(cfg, world_size))
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=to_deepspeed(cfg, world_size)
+    )
     return engine, optimizer, scheduler
 
 

@@ -9,16 +9,26 @@ from tqdm import tqdm
 
 
 class RunLogger:
-    def __init__(self, out_dir: str, *, rank: int, total_steps: int, initial_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True, desc: str = "train"):
+    def __init__(
+        self,
+        out_dir: str,
+        *,
+        rank: int,
+        total_steps: int,
+        initial_step: int = 0,
+        tensorboard: bool = True,
+        progress: bool = True,
+        desc: str = "train",
+    ):
         self.rank = rank
         self.writer = None
         if rank == 0 and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
-                        disable=rank != 0 or not progress)
+        self.bar = tqdm(
+            total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True, disable=rank != 0 or not progress
+        )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

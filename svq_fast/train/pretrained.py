@@ -7,7 +7,7 @@ import torch
 from svq_fast.config import Stage1Config, Stage2Config
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.svq import SVQModel
-from svq_fast.train.checkpoint import read_export, load_state_strict
+from svq_fast.train.checkpoint import load_state_strict, read_export
 
 
 def load_stage1(export_dir: str, device: torch.device | str = "cpu") -> tuple[SVQModel, Stage1Config]:

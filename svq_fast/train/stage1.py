@@ -18,6 +18,7 @@ import torch
 from torch.func import functional_call
 
 from svq_fast.config import Stage1Config
+from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.gan import adaptive_weight, generator_adv_loss, hinge_d_loss
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
@@ -75,35 +76,58 @@ class Stage1Step:
         s = batch["label"].to(dev) if m.has_semantic else None
         out = self.gen(x, s)
         logs: dict[str, float] = {}
-        loss = torch.zeros((), device=dev)
-        nll = None
+        loss = torch.zeros((), device=dev)  # what backward sees
+        reported = torch.zeros((), device=dev)  # the value of equation (3) (+ GAN term), for logging
+        gan_on = self.disc is not None and step >= cfg.loss.disc_start
         if m.has_image:
-            nll = reconstruction_loss(out["x_hat"], x, l1_weight=cfg.loss.l1_weight, l2_weight=cfg.loss.l2_weight)
-            loss = loss + nll + out["vq_loss_x"]
+            # The image terms are evaluated on a detached leaf copy of x_hat and their gradient is injected
+            # into the graph through a surrogate <x_hat, g>. DeepSpeed (0.19) fires its gradient-reduction
+            # epilogue on any autograd pass that reaches an engine output, so the adaptive GAN weight's
+            # autograd.grad calls must never touch x_hat itself.
+            x_hat = out["x_hat"]
+            leaf = x_hat.detach().requires_grad_(True)
+            nll = reconstruction_loss(leaf, x, l1_weight=cfg.loss.l1_weight, l2_weight=cfg.loss.l2_weight)
+            image_loss = nll
+            if gan_on:
+                g_loss = generator_adv_loss(generator_adv_logits(self.disc, leaf))
+                if cfg.loss.adaptive_weight:
+                    conv = m.image_last_layer()
+                    d_weight = adaptive_weight(
+                        nll,
+                        g_loss,
+                        leaf,
+                        m.decoder_x.last_hidden,
+                        _weight_shape(conv.weight),
+                        max_weight=cfg.loss.adaptive_weight_max,
+                    )
+                else:
+                    d_weight = torch.ones((), device=dev)
+                image_loss = nll + cfg.loss.disc_weight * d_weight * g_loss
+                logs.update(g_adv=g_loss.item(), d_weight=d_weight.item())
+            (grad_x_hat,) = torch.autograd.grad(image_loss, leaf)
+            surrogate = (x_hat * grad_x_hat.to(x_hat.dtype)).sum()  # d surrogate / d x_hat == grad_x_hat
+            loss = loss + surrogate + out["vq_loss_x"]
+            reported = reported + image_loss.detach() + out["vq_loss_x"].detach()
             logs.update(rec=nll.item(), vq_x=out["vq_loss_x"].item(), perplexity_x=out["perplexity_x"].item())
         if m.has_semantic:
             ce = semantic_loss(out["s_logits"], s, cfg.model.ignore_index)
             weight = cfg.loss.semantic_weight if m.has_image else 1.0  # lambda only couples two modalities
-            loss = loss + weight * (ce + out["vq_loss_s"])
+            sem_total = weight * (ce + out["vq_loss_s"])
+            loss = loss + sem_total
+            reported = reported + sem_total.detach()
             with torch.no_grad():
                 valid = s != cfg.model.ignore_index
                 acc = ((out["s_logits"].argmax(1) == s) & valid).sum() / valid.sum().clamp_min(1)
-            logs.update(sem_ce=ce.item(), vq_s=out["vq_loss_s"].item(), sem_acc=acc.item(),
-                        perplexity_s=out["perplexity_s"].item())
-        if self.disc is not None and step >= cfg.loss.disc_start:
-            x_hat = out["x_hat"]
-            g_loss = generator_adv_loss(generator_adv_logits(self.disc, x_hat))
-            if cfg.loss.adaptive_weight:
-                conv = m.image_last_layer()
-                d_weight = adaptive_weight(nll, g_loss, x_hat, m.decoder_x.last_hidden, _weight_shape(conv.weight),
-                                           max_weight=cfg.loss.adaptive_weight_max)
-            else:
-                d_weight = torch.ones((), device=dev)
-            loss = loss + cfg.loss.disc_weight * d_weight * g_loss
-            logs.update(g_adv=g_loss.item(), d_weight=d_weight.item())
+            logs.update(
+                sem_ce=ce.item(),
+                vq_s=out["vq_loss_s"].item(),
+                sem_acc=acc.item(),
+                perplexity_s=out["perplexity_s"].item(),
+            )
         self.gen.backward(loss)
         self.gen.step()
-        logs["loss"] = loss.item()
+        logs["loss"] = reported.item()
+        self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_logits": out.get("s_logits")}
 
         if self.disc is not None and step >= cfg.loss.disc_start - cfg.loss.disc_warmup:
             b = x.shape[0]
@@ -111,8 +135,9 @@ class Stage1Step:
             d_loss = hinge_d_loss(logits[:b], logits[b:])
             self.disc.backward(d_loss)
             self.disc.step()
-            logs.update(d_loss=d_loss.item(), logits_real=logits[:b].mean().item(),
-                        logits_fake=logits[b:].mean().item())
+            logs.update(
+                d_loss=d_loss.item(), logits_real=logits[:b].mean().item(), logits_fake=logits[b:].mean().item()
+            )
         return logs
 
 
@@ -137,8 +162,15 @@ def train_stage1(cfg: Stage1Config) -> dict:
     torch.manual_seed(cfg.run.seed * 1000 + rank + 7919 * start)  # per-rank stream for dropout etc.
     batches = forever(train_loader(cfg.data, cfg.optim.micro_batch, rank, world, seed_offset=start))
     step_fn = Stage1Step(cfg, gen, disc)
-    log = RunLogger(run_dir, rank=rank, total_steps=cfg.optim.max_steps, initial_step=start,
-                    tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, desc="stage1")
+    log = RunLogger(
+        run_dir,
+        rank=rank,
+        total_steps=cfg.optim.max_steps,
+        initial_step=start,
+        tensorboard=cfg.log.tensorboard,
+        progress=cfg.log.progress,
+        desc="stage1",
+    )
     history: list[dict] = []
     window: dict[str, float] = {}
     n_window, t_window, data_time = 0, time.perf_counter(), 0.0
@@ -157,13 +189,19 @@ def train_stage1(cfg: Stage1Config) -> dict:
             means = all_reduce_mean({k: v / n_window for k, v in window.items()}, dev)
             samples = n_window * cfg.optim.micro_batch * cfg.optim.grad_accum
             scalars = {f"loss/{k}": v for k, v in means.items()}
-            scalars.update({"throughput/samples_per_s": samples * world / elapsed,
-                            "throughput/images_per_s_per_rank": samples / elapsed,
-                            "throughput/data_wait_fraction": data_time / elapsed,
-                            "lr": gen_sched.get_last_lr()[0]})
+            scalars.update(
+                {
+                    "throughput/samples_per_s": samples * world / elapsed,
+                    "throughput/images_per_s_per_rank": samples / elapsed,
+                    "throughput/data_wait_fraction": data_time / elapsed,
+                    "lr": gen_sched.get_last_lr()[0],
+                }
+            )
             log.scalars(step + 1, scalars)
             history.append({"step": step + 1, **means})
             window, n_window, t_window, data_time = {}, 0, time.perf_counter(), 0.0
+        if cfg.log.image_every and ((step + 1) % cfg.log.image_every == 0 or last) and rank == 0:
+            log.image(step + 1, "reconstructions", _image_grid(step_fn.last, cfg))
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and not last:
             save_checkpoint(run_dir, step + 1, engines, {"step": step + 1}, cfg.run.keep_last)
     log.close()
@@ -175,6 +213,21 @@ def train_stage1(cfg: Stage1Config) -> dict:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return {"run_dir": run_dir, "history": history}
+
+
+@torch.no_grad()
+def _image_grid(last: dict, cfg: Stage1Config, n: int = 4) -> torch.Tensor:
+    """Rows of: input | reconstruction | semantic map | semantic reconstruction (whichever exist)."""
+    rows = []
+    for i in range(min(n, (last["x"] if last["x"] is not None else last["s"]).shape[0])):
+        row = []
+        if last["x"] is not None:
+            row += [to_unit(last["x"][i]), to_unit(last["x_hat"][i])]
+        if last["s"] is not None:
+            k, ig = cfg.model.num_classes, cfg.model.ignore_index
+            row += [colorize(last["s"][i : i + 1], k, ig)[0], colorize(last["s_logits"][i : i + 1].argmax(1), k, ig)[0]]
+        rows.append(row)
+    return grid(rows)
 
 
 def _write_history(run_dir: str, history: list[dict]) -> None:

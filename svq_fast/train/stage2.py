@@ -35,9 +35,11 @@ def build_tokenizer(cfg: Stage2Config, dev) -> Tokenizer:
     tok = Tokenizer(image_model, semantic_model)
     g = cfg.model
     if (g.image_vocab, g.semantic_vocab) != (tok.image_vocab, tok.semantic_vocab):
-        raise ValueError(f"GPT vocabularies (image {g.image_vocab}, semantic {g.semantic_vocab}) differ from the "
-                         f"stage-1 codebooks (image {tok.image_vocab}, semantic {tok.semantic_vocab}); "
-                         "set --model.image_vocab / --model.semantic_vocab")
+        raise ValueError(
+            f"GPT vocabularies (image {g.image_vocab}, semantic {g.semantic_vocab}) differ from the "
+            f"stage-1 codebooks (image {tok.image_vocab}, semantic {tok.semantic_vocab}); "
+            "set --model.image_vocab / --model.semantic_vocab"
+        )
     latent = s1.model.image_size // 2 ** (len(s1.model.ch_mult) - 1)
     if latent != g.grid:
         raise ValueError(f"stage-1 latents are {latent}x{latent} but model.grid={g.grid}")
@@ -60,8 +62,15 @@ def train_stage2(cfg: Stage2Config) -> dict:
         start = int(load_checkpoint(resume_dir, engines).get("step", 0))
     torch.manual_seed(cfg.run.seed * 1000 + rank + 7919 * start)
     batches = forever(train_loader(cfg.data, cfg.optim.micro_batch, rank, world, seed_offset=start))
-    log = RunLogger(run_dir, rank=rank, total_steps=cfg.optim.max_steps, initial_step=start,
-                    tensorboard=cfg.log.tensorboard, progress=cfg.log.progress, desc="stage2")
+    log = RunLogger(
+        run_dir,
+        rank=rank,
+        total_steps=cfg.optim.max_steps,
+        initial_step=start,
+        tensorboard=cfg.log.tensorboard,
+        progress=cfg.log.progress,
+        desc="stage2",
+    )
     history, window, n_window, t_window, data_time = [], 0.0, 0, time.perf_counter(), 0.0
     tokens_per_sample = 2 * cfg.model.grid**2  # semantic + image tokens per sequence
     for step in range(start, cfg.optim.max_steps):
@@ -81,11 +90,16 @@ def train_stage2(cfg: Stage2Config) -> dict:
             elapsed = time.perf_counter() - t_window
             means = all_reduce_mean({"loss": window / n_window}, dev)
             samples = n_window * cfg.optim.micro_batch * cfg.optim.grad_accum
-            log.scalars(step + 1, {"loss/image_token_ce": means["loss"],
-                                   "throughput/tokens_per_s_per_rank": samples * tokens_per_sample / elapsed,
-                                   "throughput/samples_per_s": samples * world / elapsed,
-                                   "throughput/data_and_tokenize_fraction": data_time / elapsed,
-                                   "lr": sched.get_last_lr()[0]})
+            log.scalars(
+                step + 1,
+                {
+                    "loss/image_token_ce": means["loss"],
+                    "throughput/tokens_per_s_per_rank": samples * tokens_per_sample / elapsed,
+                    "throughput/samples_per_s": samples * world / elapsed,
+                    "throughput/data_and_tokenize_fraction": data_time / elapsed,
+                    "lr": sched.get_last_lr()[0],
+                },
+            )
             history.append({"step": step + 1, **means})
             window, n_window, t_window, data_time = 0.0, 0, time.perf_counter(), 0.0
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and not last:

@@ -14,8 +14,10 @@ from svq_fast.models.svq import SVQModel
 class Tokenizer:
     def __init__(self, image_model: SVQModel, semantic_model: SVQModel | None = None):
         if semantic_model is None and image_model.cfg.kind != "svq":
-            raise ValueError("an image-only stage-1 model needs a separate semantic model for the condition "
-                             "(set stage1_semantic to a semantic VQVAE export)")
+            raise ValueError(
+                "an image-only stage-1 model needs a separate semantic model for the condition "
+                "(set stage1_semantic to a semantic VQVAE export)"
+            )
         self.image_model, self.semantic_model = image_model, semantic_model
 
     @property

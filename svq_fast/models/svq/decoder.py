@@ -16,14 +16,26 @@ class Decoder(nn.Module):
     parameter itself.
     """
 
-    def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn_resolutions: tuple[int, ...],
-                 resolution: int, in_channels: int, out_channels: int, groups: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        attn_resolutions: tuple[int, ...],
+        resolution: int,
+        in_channels: int,
+        out_channels: int,
+        groups: int,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         cin = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(in_channels, cin, 3, padding=1)
-        self.mid = nn.Sequential(ResBlock(cin, cin, groups, dropout), AttnBlock(cin, groups),
-                                 ResBlock(cin, cin, groups, dropout))
+        self.mid = nn.Sequential(
+            ResBlock(cin, cin, groups, dropout), AttnBlock(cin, groups), ResBlock(cin, cin, groups, dropout)
+        )
         blocks: list[nn.Module] = []
         for level in reversed(range(len(ch_mult))):
             cout = ch * ch_mult[level]

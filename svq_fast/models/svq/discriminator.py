@@ -13,11 +13,13 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ch * prev, ch * mult, 4, stride=stride, padding=1, bias=False),
-                       # taming uses BatchNorm; its per-rank statistics make results depend on the
-                       # number of ranks, so a batch-independent GroupNorm(1) (layer norm over C,H,W) is used.
-                       nn.GroupNorm(1, ch * mult),
-                       nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(ch * prev, ch * mult, 4, stride=stride, padding=1, bias=False),
+                # taming uses BatchNorm; its per-rank statistics make results depend on the
+                # number of ranks, so a batch-independent GroupNorm(1) (layer norm over C,H,W) is used.
+                nn.GroupNorm(1, ch * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers.append(nn.Conv2d(ch * mult, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
         self.apply(_init)

@@ -14,8 +14,18 @@ class Encoder(nn.Module):
     The stem (first conv) is outside so the caller can feed image, semantic map, or both.
     """
 
-    def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, attn_resolutions: tuple[int, ...],
-                 resolution: int, out_channels: int, groups: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: tuple[int, ...],
+        num_res_blocks: int,
+        attn_resolutions: tuple[int, ...],
+        resolution: int,
+        out_channels: int,
+        groups: int,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         blocks: list[nn.Module] = []
         cin, res = ch, resolution
@@ -30,8 +40,9 @@ class Encoder(nn.Module):
                 blocks.append(Downsample(cin))
                 res //= 2
         self.down = nn.Sequential(*blocks)
-        self.mid = nn.Sequential(ResBlock(cin, cin, groups, dropout), AttnBlock(cin, groups),
-                                 ResBlock(cin, cin, groups, dropout))
+        self.mid = nn.Sequential(
+            ResBlock(cin, cin, groups, dropout), AttnBlock(cin, groups), ResBlock(cin, cin, groups, dropout)
+        )
         self.norm_out = norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
 

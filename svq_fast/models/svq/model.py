@@ -25,15 +25,24 @@ class SVQModel(nn.Module):
         self.cfg = cfg
         self.has_image = cfg.kind in ("svq", "image")
         self.has_semantic = cfg.kind in ("svq", "semantic")
-        shape = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
-                     attn_resolutions=cfg.attn_resolutions, resolution=cfg.image_size, groups=cfg.norm_groups,
-                     dropout=cfg.dropout)
+        shape = dict(
+            ch=cfg.ch,
+            ch_mult=cfg.ch_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            attn_resolutions=cfg.attn_resolutions,
+            resolution=cfg.image_size,
+            groups=cfg.norm_groups,
+            dropout=cfg.dropout,
+        )
         zx = cfg.z_channels if self.has_image else 0
         zs = cfg.semantic_z_channels if self.has_semantic else 0
         # Encoder stem: conv over concat(x, onehot(s)) written as conv_x(x) + conv_s(onehot(s)).
         self.stem_x = nn.Conv2d(3, cfg.ch, 3, padding=1) if self.has_image else None
-        self.stem_s = SemanticConv(cfg.num_classes, cfg.ch, ignore_index=cfg.ignore_index,
-                                   bias=not self.has_image) if self.has_semantic else None
+        self.stem_s = (
+            SemanticConv(cfg.num_classes, cfg.ch, ignore_index=cfg.ignore_index, bias=not self.has_image)
+            if self.has_semantic
+            else None
+        )
         self.encoder = Encoder(out_channels=zx + zs, **shape)
         q = dict(beta=qcfg.beta, cosine=qcfg.cosine, backend=qcfg.backend)
         if self.has_image:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The main job, tiny, on CPU: shards -> stage 1 (2 ranks) -> stage 2 (2 ranks) -> samples -> report.
+# Called by `make demo` with .venv/bin first on PATH. Outputs go to $DEMO_DIR (default runs/demo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEMO_DIR=${DEMO_DIR:-runs/demo}
+NPROC=${NPROC:-2}
+STAGE1_STEPS=${STAGE1_STEPS:-300}
+STAGE2_STEPS=${STAGE2_STEPS:-300}
+DATA=${DEMO_DATA:-$DEMO_DIR/data}
+mkdir -p "$DEMO_DIR"
+timings="$DEMO_DIR/timings.json"
+declare -A T
+
+start=$SECONDS
+python -m svq_fast.data.make_shards --dataset synthetic --split train --size 64 --num-samples 4000 --out "$DATA/64px/train"
+python -m svq_fast.data.make_shards --dataset synthetic --split val --size 64 --num-samples 256 --out "$DATA/64px/val"
+T[shards]=$((SECONDS - start))
+
+start=$SECONDS
+deepspeed --num_gpus "$NPROC" recipes/train_svqgan.py --config svqgan_tiny \
+  --data.synthetic_default="$DATA" --optim.max_steps="$STAGE1_STEPS" --run.out_dir="$DEMO_DIR/stage1" --log.image_every=100
+T[stage1]=$((SECONDS - start))
+
+start=$SECONDS
+deepspeed --num_gpus "$NPROC" recipes/train_transformer.py --config gpt_tiny \
+  --data.synthetic_default="$DATA" --optim.max_steps="$STAGE2_STEPS" --run.out_dir="$DEMO_DIR/stage2" \
+  --stage1="$DEMO_DIR/stage1/export"
+T[stage2]=$((SECONDS - start))
+
+start=$SECONDS
+python recipes/sample.py --gpt "$DEMO_DIR/stage2/export" --out "$DEMO_DIR/samples" --num-maps 6 --samples-per-map 3 \
+  --top-k 100
+T[sample]=$((SECONDS - start))
+
+printf '{' > "$timings"; sep=""
+for k in shards stage1 stage2 sample; do printf '%s"%s": %s' "$sep" "$k" "${T[$k]}" >> "$timings"; sep=", "; done
+printf '}\n' >> "$timings"
+python recipes/demo_report.py --run-dir "$DEMO_DIR" --timings "$timings"
+echo "demo done: $DEMO_DIR/report.md, $DEMO_DIR/samples/grid.png, TensorBoard: tensorboard --logdir $DEMO_DIR"

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from svq_fast.config import QuantizerConfig, SVQModelConfig
+from svq_fast.models.svq import PatchDiscriminator, SVQModel
+
+
+def tiny(kind="svq", **kw):
+    cfg = SVQModelConfig(
+        kind=kind,
+        image_size=32,
+        num_classes=5,
+        ch=16,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(16,),
+        norm_groups=4,
+        z_channels=8,
+        semantic_z_channels=4,
+        **kw,
+    )
+    return SVQModel(cfg, QuantizerConfig(image_codebook_size=32, semantic_codebook_size=16, backend="ref"))
+
+
+def batch(b=2):
+    x = torch.rand(b, 3, 32, 32) * 2 - 1
+    s = torch.randint(0, 5, (b, 32, 32))
+    s[:, :2] = 255  # some ignore pixels
+    return x, s
+
+
+@pytest.mark.parametrize("kind", ["svq", "image", "semantic"])
+def test_shapes_per_kind(kind):
+    m = tiny(kind)
+    x, s = batch()
+    out = m(x if kind != "semantic" else None, s if kind != "image" else None)
+    if kind != "semantic":
+        assert out["x_hat"].shape == (2, 3, 32, 32) and out["indices_x"].shape == (2, 16, 16)
+    if kind != "image":
+        assert out["s_logits"].shape == (2, 5, 32, 32) and out["indices_s"].shape == (2, 16, 16)
+
+
+def test_image_loss_gives_no_gradient_to_semantic_branch():
+    m = tiny("svq")
+    x, s = batch()
+    out = m(x, s)
+    (out["x_hat"] - x).abs().mean().backward()
+    for name in ("quantizer_s", "decoder_s", "post_quant_s", "quant_s"):
+        grads = [p.grad for p in getattr(m, name).parameters()]
+        assert all(g is None or g.abs().max() == 0 for g in grads), name
+    # ...while the image branch does learn from it
+    assert m.decoder_x.conv_out.weight.grad.abs().max() > 0
+
+
+def test_semantic_loss_trains_shared_encoder_and_semantic_branch():
+    m = tiny("svq")
+    x, s = batch()
+    out = m(x, s)
+    torch.nn.functional.cross_entropy(out["s_logits"], s, ignore_index=255).backward()
+    assert m.decoder_s.conv_out.weight.grad.abs().max() > 0
+    assert m.encoder.conv_out.weight.grad.abs().max() > 0
+    assert m.decoder_x.conv_out.weight.grad is None
+
+
+def test_encode_semantic_without_image_and_decode_indices():
+    m = tiny("svq", image_dropout=0.5).eval()
+    x, s = batch()
+    idx_s = m.encode_semantic(s)
+    assert idx_s.shape == (2, 16, 16) and idx_s.max() < 16
+    out = m(x, s)
+    img = m.decode_indices(out["indices_x"], out["indices_s"])
+    torch.testing.assert_close(img, out["x_hat"], atol=1e-5, rtol=1e-4)
+
+
+def test_out_of_range_class_id_is_named():
+    m = tiny("svq")
+    x, s = batch()
+    s[0, 5, 5] = 9
+    with pytest.raises(ValueError, match=r"\[9\]"):
+        m(x, s)
+
+
+def test_discriminator_patch_logits():
+    d = PatchDiscriminator(ch=8, n_layers=2)
+    assert d(torch.randn(2, 3, 64, 64)).shape[:2] == (2, 1)
