@@ -4,6 +4,9 @@ A shard is a plain tar readable by `webdataset.WebDataset`: members `{key}.image
 `{key}.label.png` (8-bit, unified class ids, 255 = ignore) and `{key}.meta.json`. Shards are written to a
 temporary name and renamed when complete, so a crashed writer never leaves a shard that looks finished.
 `index.json` beside the shards lists shard names, sample counts and the class histogram.
+
+Reading side: `scan_tar` lists a shard's samples with the byte offsets of their members (one pass over the tar
+headers, no data read), so the loader can read any sample of a shard directly; `read_members` reads one.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +63,94 @@ def decode_sample(members: dict[str, bytes], *, where: str = "") -> tuple[np.nda
     return image, label, meta
 
 
+def sample_members(
+    key: str, image: bytes, label: bytes, meta: dict, image_format: str = "jpg"
+) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in the order they are written."""
+    if "." in key or "/" in key:
+        raise ValueError(f"{key}: keys must not contain '.' or '/' (WebDataset splits member names on '.')")
+    return [
+        (f"{key}.image.{image_format}", image),
+        (f"{key}.label.png", label),
+        (f"{key}.meta.json", json.dumps(meta, sort_keys=True).encode()),
+    ]
+
+
+def write_tar(path: str, members: Iterable[tuple[str, bytes]]) -> int:
+    """Write (name, bytes) members to `path` atomically (a `.tmp` file renamed when complete). Headers are
+    deterministic (mtime 0, mode 0o444, no owner), so the same members give byte-identical shards.
+    Returns the number of members written."""
+    tmp = path + ".tmp"
+    count = 0
+    try:
+        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return count
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's members lie in a shard: {suffix: (offset, size)}."""
+
+    key: str
+    members: dict
+
+
+def scan_tar(path: str, stats: dict | None = None) -> list[SampleRef]:
+    """Samples of a shard in tar order, from its headers only. A corrupt or truncated tar yields the samples
+    before the damage, warns naming the shard, and counts it in stats["corrupt_shards"]."""
+    out: list[SampleRef] = []
+    current, members = None, {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            while True:
+                info = tar.next()
+                if info is None:
+                    break
+                if not info.isfile():
+                    continue
+                base = os.path.basename(info.name)
+                if "." not in base:
+                    continue
+                key, suffix = base.split(".", 1)
+                if key != current:
+                    if current is not None:
+                        out.append(SampleRef(current, members))
+                    current, members = key, {}
+                members[suffix] = (info.offset_data, info.size)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        warnings.warn(
+            f"shard {path}: tar unreadable after key {current!r} ({e}); using the samples before it", stacklevel=2
+        )
+        if stats is not None:
+            stats["corrupt_shards"] = stats.get("corrupt_shards", 0) + 1
+        current = None  # the sample being read when the damage hit is incomplete: drop it
+    if current is not None:
+        out.append(SampleRef(current, members))
+    return out
+
+
+def read_members(f, ref: SampleRef) -> dict[str, bytes]:
+    """Read one sample's members from the open shard file `f`; a short read raises ShardFormatError."""
+    data = {}
+    for suffix, (offset, size) in ref.members.items():
+        f.seek(offset)
+        b = f.read(size)
+        if len(b) != size:
+            raise ShardFormatError(f"{ref.key}.{suffix}: truncated ({len(b)} of {size} bytes)")
+        data[suffix] = b
+    return data
+
+
 @dataclass
 class ShardWriter:
     """Writes samples into `{out_dir}/{prefix}-{NNNNNN}.tar`, rolling over every `samples_per_shard`."""
@@ -96,9 +190,7 @@ class ShardWriter:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"{key}: image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
         if label.dtype != np.uint8 or label.shape != image.shape[:2]:
-            raise ValueError(
-                f"{key}: label must be (H, W) uint8 matching the image, got {label.shape} {label.dtype}"
-            )
+            raise ValueError(f"{key}: label must be (H, W) uint8 matching the image, got {label.shape} {label.dtype}")
         if "." in key:
             raise ValueError(f"{key}: keys must not contain '.' (WebDataset splits member names on it)")
         if self._tar is None:

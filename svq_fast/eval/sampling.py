@@ -68,6 +68,7 @@ def sample_image_tokens(
         uncond = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(sem_tokens.device)
     out = torch.empty(b, gpt.n_img, dtype=torch.long, device=sem_tokens.device)
     cache = KVCache(len(gpt.blocks)) if use_cache else None
+    step_in = None  # the token fed to the cache at the next step: (B,) or (2B,) with guidance
     for i in range(gpt.n_img):
         if use_cache:
             logits = gpt.prefill(cond, cache, uncond) if i == 0 else gpt.decode_step(step_in, cache)

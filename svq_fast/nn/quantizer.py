@@ -1,47 +1,277 @@
-"""Vector quantizer module used by every stage-1 model (image and semantic codebooks)."""
+"""Vector quantizer module used by every stage-1 model (image and semantic codebooks).
+
+Options (all tested in tests/nn/test_quantizer.py):
+- grad="ste" (straight-through) or "rotation" (Fifty et al. 2024, "Restructuring vector quantization with the
+  rotation trick": z_q = lambda R z with R rotating z onto e and lambda = |e|/|z|, both treated as constants).
+- code_dim: look codes up in a small space (linear in/out projections, as LlamaGen's 8-dim codes; pair it with
+  cosine=True for LlamaGen's l2-normalised codes).
+- ema=True: the codebook follows an exponential moving average of its assigned latents (decay, eps, Laplace
+  smoothing) instead of the codebook loss; the codebook is then not a trained parameter.
+- restart_after=W: codes unused for W training forwards are re-seeded from the current batch's encoder outputs.
+- usage statistics (usage_stats()): batch perplexity, perplexity and fraction of codes used over a sliding window.
+
+Distributed (torch.distributed initialised): in training mode the code counts (and EMA sums) are all-reduced,
+so statistics, EMA updates and dead-code decisions are global and identical on every rank; restart values are
+drawn on rank 0 and broadcast, so every rank ends with the same codebook. Every rank must therefore run the
+training forward of this module the same number of times (as DDP / DeepSpeed already require).
+
+A "step" below is one forward in training mode (a micro-batch under gradient accumulation).
+Restarted codes in gradient mode are written to a buffer `restart_offset` added to the trained weight, not to the
+weight itself: optimizers that keep master copies (DeepSpeed ZeRO, fp16/bf16 engines) would overwrite a write to
+the parameter at their next step.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from svq_fast.kernels.vq import vq
+from svq_fast.kernels.vq import BACKENDS, vq
+
+GRADS = ("ste", "rotation")
+# Statistics kept in fp32 even when the module is cast to fp16/bf16 (e.g. by a DeepSpeed bf16 engine).
+_FP32_BUFFERS = ("ema_cluster_size", "ema_embed_sum", "usage_ema")
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _perplexity(counts: torch.Tensor) -> torch.Tensor:
+    p = counts.float() / counts.sum().clamp_min(1e-10)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
+
+
+def rotate_to(src: torch.Tensor, tgt: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rotation trick: returns a tensor equal to tgt (N, D) whose gradient w.r.t. src (N, D) is lambda R^T g,
+    R the rotation taking src/|src| to tgt/|tgt| and lambda = |tgt|/|src| (constants: no gradient to tgt).
+    Householder form: R x = x - 2 (x.w) w + 2 (x.u) q, u = src/|src|, q = tgt/|tgt|, w = (u+q)/|u+q|."""
+    src_norm = src.norm(dim=1, keepdim=True)  # (N, 1)
+    tgt_norm = tgt.norm(dim=1, keepdim=True)  # (N, 1)
+    u = (src / src_norm.clamp_min(eps)).detach()
+    q = (tgt / tgt_norm.clamp_min(eps)).detach()
+    w = F.normalize(u + q, dim=1, eps=eps).detach()
+    rotated = src - 2 * (src * w).sum(1, keepdim=True) * w + 2 * (src * u).sum(1, keepdim=True) * q
+    return rotated * (tgt_norm / src_norm.clamp_min(eps)).detach()
 
 
 class VectorQuantizer(nn.Module):
-    """Quantizes a (B, D, H, W) latent against a (K, D) codebook.
+    """Quantizes a (B, D, H, W) latent against a (K, C) codebook (C = code_dim or D).
 
-    Returns (z_q (B, D, H, W), loss (), info) where info holds `indices` (B, H, W) and `perplexity`.
+    Returns (z_q (B, D, H, W), loss (), info) where info holds `indices` (B, H, W) and `perplexity` (of this
+    batch; all ranks' batches together in training mode under torch.distributed).
     """
 
-    def __init__(self, codebook_size: int, dim: int, *, beta: float = 0.25, cosine: bool = False,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        *,
+        beta: float = 0.25,
+        cosine: bool = False,
+        backend: str = "auto",
+        grad: str = "ste",
+        code_dim: int | None = None,
+        ema: bool = False,
+        ema_decay: float = 0.99,
+        ema_eps: float = 1e-5,
+        restart_after: int = 0,
+        usage_window: int = 100,
+        deterministic: bool = True,
+    ):
         super().__init__()
+        if codebook_size < 1 or dim < 1:
+            raise ValueError(f"VectorQuantizer: codebook_size and dim must be >= 1, got {codebook_size}, {dim}")
+        if backend not in BACKENDS:
+            raise ValueError(f"VectorQuantizer: unknown backend {backend!r} (one of {'|'.join(BACKENDS)})")
+        if grad not in GRADS:
+            raise ValueError(f"VectorQuantizer: unknown grad {grad!r} (one of {'|'.join(GRADS)})")
+        if code_dim is not None and code_dim < 1:
+            raise ValueError(f"VectorQuantizer: code_dim must be >= 1 or None, got {code_dim}")
+        if not 0.0 <= ema_decay < 1.0 or ema_eps <= 0:
+            raise ValueError(f"VectorQuantizer: need 0 <= ema_decay < 1 and ema_eps > 0, got {ema_decay}, {ema_eps}")
+        if restart_after < 0 or usage_window < 1:
+            raise ValueError(f"VectorQuantizer: need restart_after >= 0 and usage_window >= 1, got {restart_after}, "
+                             f"{usage_window}")  # fmt: skip
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
-        self.cosine, self.backend = cosine, backend
-        self.embedding = nn.Embedding(codebook_size, dim)
-        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        self.cosine, self.backend, self.grad = cosine, backend, grad
+        self.code_dim = code_dim if code_dim is not None else dim
+        self.ema, self.ema_decay, self.ema_eps = ema, ema_decay, ema_eps
+        self.restart_after, self.usage_window, self.deterministic = restart_after, usage_window, deterministic
+
+        k, c = codebook_size, self.code_dim
+        self.proj_in = nn.Linear(dim, c) if code_dim is not None else None
+        self.proj_out = nn.Linear(c, dim) if code_dim is not None else None
+        self.embedding = nn.Embedding(k, c)
+        nn.init.uniform_(self.embedding.weight, -1.0 / k, 1.0 / k)
+        if ema:
+            self.embedding.weight.requires_grad_(False)
+            self.register_buffer("ema_cluster_size", torch.zeros(k))  # (K,) EMA of code counts
+            self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())  # (K, C) EMA of sums
+        elif restart_after > 0:
+            self.register_buffer("restart_offset", torch.zeros(k, c))  # (K, C) restarted code - trained weight
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # training forwards seen
+        self.register_buffer("last_used", torch.full((k,), -1, dtype=torch.int64))  # step a code was last chosen
+        self.register_buffer("last_reset", torch.zeros(k, dtype=torch.int64))  # step a code was (re)initialised
+        self.register_buffer("usage_ema", torch.zeros(k))  # (K,) EMA of code frequencies, time constant window
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))  # codes re-seeded so far
+
+    # -- codebook ---------------------------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in _FP32_BUFFERS:  # keep running statistics in fp32 under module.half() / .bfloat16()
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    def raw_codebook(self) -> torch.Tensor:
+        """(K, C) code vectors before l2-normalisation (trained weight, plus restarts in gradient mode)."""
+        w = self.embedding.weight
+        offset = self._buffers.get("restart_offset")
+        return w + offset.to(w.dtype) if offset is not None else w
 
     def codebook(self) -> torch.Tensor:
-        w = self.embedding.weight
+        """(K, C) the codes the lookup compares against (l2-normalised when cosine)."""
+        w = self.raw_codebook()
         return F.normalize(w, dim=1) if self.cosine else w
+
+    # -- forward ----------------------------------------------------------------------------------------
 
     def forward(self, z: torch.Tensor):
         b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*H*W, D)
+        if d != self.dim:
+            raise ValueError(f"VectorQuantizer: expected {self.dim} channels, got z of shape {tuple(z.shape)}")
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (N, D) N = B*H*W
+        x = self.proj_in(flat) if self.proj_in is not None else flat  # (N, C)
         if self.cosine:
-            flat = F.normalize(flat, dim=1)
-        out = vq(flat, self.codebook(), self.beta, backend=self.backend)
-        z_q = out.z_q.view(b, h, w, d).permute(0, 3, 1, 2).contiguous()
+            x = F.normalize(x, dim=1)
+        codebook = self.codebook()  # (K, C)
+        if self.ema and not self.cosine:
+            codebook = codebook.clone()  # the EMA update below writes the weight in place; autograd saved this
+        out = vq(x, codebook, self.beta, backend=self.backend, deterministic=self.deterministic)
+        loss = out.loss_commit if self.ema else out.loss_codebook + out.loss_commit
+        x_q = rotate_to(x, out.z_q.detach()) if self.grad == "rotation" else out.z_q  # (N, C)
+        if self.proj_out is not None:
+            x_q = self.proj_out(x_q)  # (N, D)
+        z_q = x_q.view(b, h, w, d).permute(0, 3, 1, 2).contiguous()  # (B, D, H, W)
         with torch.no_grad():
-            counts = torch.bincount(out.indices, minlength=self.codebook_size).float()
-            p = counts / counts.sum()
-            perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
+            if self.training:
+                counts = self._update(x.detach(), out.indices)
+            else:
+                counts = torch.bincount(out.indices, minlength=self.codebook_size)
+            perplexity = _perplexity(counts)
         info = {"indices": out.indices.view(b, h, w), "perplexity": perplexity}
-        return z_q, out.loss_codebook + out.loss_commit, info
+        return z_q, loss, info
 
     @torch.no_grad()
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) int -> (B, D, H, W) codes."""
-        return self.codebook()[indices].permute(0, 3, 1, 2).contiguous()
+        """(B, H, W) int -> (B, D, H, W) codes (projected back to D when code_dim is set)."""
+        codes = self.codebook()[indices]  # (B, H, W, C)
+        if self.proj_out is not None:
+            codes = self.proj_out(codes)  # (B, H, W, D)
+        return codes.permute(0, 3, 1, 2).contiguous()
+
+    # -- training-time state: usage, EMA, restarts --------------------------------------------------------
+
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x (N, C) detached lookup inputs, indices (N,). Returns the global code counts (K,) fp32."""
+        k, c = self.codebook_size, self.code_dim
+        counts = torch.bincount(indices, minlength=k).float()  # (K,)
+        if self.ema:
+            sums = torch.zeros(k, c, device=x.device, dtype=torch.float32)
+            sums.index_add_(0, indices, x.float())  # (K, C)
+            packed = torch.cat([counts, sums.flatten()])
+        else:
+            packed = counts
+        if _dist_on():
+            dist.all_reduce(packed)  # one collective for counts (and EMA sums)
+        counts = packed[:k]
+        self.step.add_(1)
+        self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
+        decay = 1.0 - 1.0 / self.usage_window
+        self.usage_ema.mul_(decay).add_(counts / counts.sum().clamp_min(1.0), alpha=1.0 - decay)
+        if self.ema:
+            self._ema_update(counts, packed[k:].view(k, c))
+        if self.restart_after > 0:
+            self._restart_dead(x)
+        return counts
+
+    def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """counts (K,), sums (K, C): global statistics of this step."""
+        decay = self.ema_decay
+        self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+        self.ema_embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+        n = self.ema_cluster_size.sum()
+        k = self.codebook_size
+        smoothed = (self.ema_cluster_size + self.ema_eps) / (n + k * self.ema_eps) * n  # Laplace smoothing
+        self.embedding.weight.copy_(self.ema_embed_sum / smoothed[:, None])
+
+    def _restart_dead(self, x: torch.Tensor) -> None:
+        """Re-seed codes unused for restart_after steps from the rows of x (N, C); identical on every rank."""
+        since = self.step - torch.maximum(self.last_used, self.last_reset)  # (K,) steps without use
+        dead = torch.nonzero(since >= self.restart_after).flatten()  # same on all ranks (global counts)
+        n_dead = dead.numel()
+        if n_dead == 0:
+            return
+        n = x.shape[0]
+        # every rank draws (keeps RNG streams aligned), rank 0's draw is broadcast
+        if n_dead <= n:
+            pick = torch.randperm(n, device=x.device)[:n_dead]
+            new = x[pick].float()  # (n_dead, C)
+        else:
+            pick = torch.randint(n, (n_dead,), device=x.device)
+            new = x[pick].float()
+            new = new + 0.01 * x.float().std() * torch.randn_like(new)  # split duplicates
+        if _dist_on():
+            dist.broadcast(new, src=0)
+        if self.ema:
+            self.embedding.weight[dead] = new.to(self.embedding.weight.dtype)
+            self.ema_cluster_size[dead] = 1.0
+            self.ema_embed_sum[dead] = new
+        else:
+            w = self.embedding.weight
+            self.restart_offset[dead] = (new - w[dead].float()).to(self.restart_offset.dtype)
+        self.last_reset[dead] = self.step
+        self.restarts.add_(n_dead)
+
+    # -- logging ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def usage_stats(self) -> dict[str, float]:
+        """Codebook usage over the last `usage_window` training steps (global across ranks), as floats:
+        usage_fraction: fraction of codes chosen at least once in the window; codes_used: their number;
+        perplexity_window: perplexity of the code frequencies averaged over ~window steps (EMA);
+        dead_fraction: fraction unused for restart_after steps (or the window when restarts are off);
+        restarts: codes re-seeded so far; steps: training forwards seen."""
+        step = int(self.step.item())
+        k = self.codebook_size
+        used = (self.last_used >= 0) & (self.last_used > step - self.usage_window)
+        window = self.restart_after if self.restart_after > 0 else self.usage_window
+        dead = (step - torch.maximum(self.last_used, self.last_reset)) >= window
+        total = float(self.usage_ema.sum())
+        ppl = float(_perplexity(self.usage_ema)) if total > 0 else float("nan")
+        return {
+            "usage_fraction": float(used.float().mean()),
+            "codes_used": float(used.sum()),
+            "perplexity_window": ppl,
+            "dead_fraction": float(dead.sum()) / k,
+            "restarts": float(self.restarts),
+            "steps": float(step),
+        }
+
+    def extra_repr(self) -> str:
+        opts = [f"{self.codebook_size}, {self.dim}", f"beta={self.beta}", f"grad={self.grad!r}"]
+        if self.proj_in is not None:
+            opts.append(f"code_dim={self.code_dim}")
+        if self.cosine:
+            opts.append("cosine=True")
+        if self.ema:
+            opts.append(f"ema_decay={self.ema_decay}")
+        if self.restart_after:
+            opts.append(f"restart_after={self.restart_after}")
+        return ", ".join(opts)
