@@ -147,6 +147,8 @@ class RunConfig:
     save_every: int = 0  # DeepSpeed checkpoint every N steps (0 = only at the end)
     keep_last: int = 3
     resume: str = ""  # "" | "auto" | a checkpoint tag directory
+    max_seconds: float = 0.0  # stop (with a checkpoint, no export) after this much training time; 0 = off
+    max_nonfinite_skips: int = 20  # consecutive non-finite losses tolerated before the run stops
 
 
 @dataclass(kw_only=True)

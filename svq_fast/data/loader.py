@@ -16,7 +16,9 @@ Rank r takes positions [r * nb * B, (r + 1) * nb * B); its logical worker l take
 nb_l * B of those (nb_l = nb // W, +1 for l < nb % W).
 
 Resampled (`resampled=True`, training): an infinite stream; logical worker l of rank r draws whole shards
-with replacement from a generator seeded by (seed, r, l). Reproducible for a fixed seed and worker count.
+with replacement (probability proportional to their sample count) from a generator seeded by (seed, r, l).
+Ranks and workers are not given disjoint shards in this mode; it is reproducible for a fixed seed, world size
+and worker count.
 
 Shuffling: a worker's sequence is cut into blocks of `shuffle_buffer` samples; each block is read (raw bytes)
 and permuted with a generator seeded by (seed, epoch, rank, worker, block). Crop and flip parameters come from
@@ -51,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from svq_fast.data.shards import INDEX_NAME, SampleRef, ShardFormatError, decode_sample, read_members, scan_tar
 
@@ -181,8 +183,11 @@ def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torc
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack samples into a batch with numpy (single-threaded memcpy). torch.stack is used by the default
-    collate and, with several intra-op threads on a small shared VM, was measured 10-40x slower per batch."""
+    """Stack samples into a batch. In a worker: torch's default collate (it stacks straight into shared memory;
+    workers run one intra-op thread). In the main process (num_workers=0): numpy's stack, because torch.stack
+    with several intra-op threads was measured 10-40x slower per batch on a 2-vCPU VM."""
+    if get_worker_info() is not None:
+        return default_collate(samples)
     return {
         "image": torch.from_numpy(np.stack([s["image"].numpy() for s in samples])),
         "label": torch.from_numpy(np.stack([s["label"].numpy() for s in samples])),
@@ -307,12 +312,13 @@ class SemanticShardStream(IterableDataset):
         return pieces, length
 
     def _resampled_pieces(self, logical: int) -> Iterator[Piece]:
+        """Whole shards drawn with replacement, with probability proportional to their sample count (so every
+        sample is equally likely however uneven the shards are)."""
         rng = np.random.default_rng([self.seed, self.rank, logical, 3])
-        nonempty = [i for i, c in enumerate(self.counts) if c > 0]
+        weights = np.asarray(self.counts, np.float64) / self.num_samples
         while True:
-            for k in rng.integers(len(nonempty), size=256):
-                i = nonempty[int(k)]
-                yield Piece(i, 0, self.counts[i])
+            for i in rng.choice(len(self.counts), size=256, p=weights):
+                yield Piece(int(i), 0, self.counts[int(i)])
 
     @staticmethod
     def _blocks(pieces: Iterator[Piece], size: int, first: int, length: int | None = None) -> Iterator[list[Piece]]:

@@ -368,12 +368,18 @@ def _input_precision() -> str:
 
 
 def _triton_forward(
-    z: torch.Tensor, e: torch.Tensor, *, config: dict | None = None, split: int | None = None
+    z: torch.Tensor,
+    e: torch.Tensor,
+    *,
+    config: dict | None = None,
+    split: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z (N, D), e (K, D), same dtype -> (indices (N,) int64, min_dist (N,) fp32, z_q (N, D)).
 
     config: {"BLOCK_N", "BLOCK_K", "BLOCK_D"} (+ optional num_warps, num_stages) to bypass autotuning;
-    split: number of codebook splits (default: enough programs for two waves)."""
+    split: number of codebook splits (default: enough programs for two waves);
+    out: preallocated (indices, min_dist, z_q), contiguous (tests poison them to check every element is written)."""
     z = z if z.stride(1) == 1 else z.contiguous()
     e = e if e.stride(1) == 1 else e.contiguous()
     n, d = z.shape
@@ -399,9 +405,12 @@ def _triton_forward(
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
         _vq_argmin[grid](*args, **common, **cfg)
 
-    indices = torch.empty((n,), device=z.device, dtype=torch.int64)
-    min_dist = torch.empty((n,), device=z.device, dtype=torch.float32)
-    z_q = torch.empty((n, d), device=z.device, dtype=z.dtype)
+    if out is None:
+        indices = torch.empty((n,), device=z.device, dtype=torch.int64)
+        min_dist = torch.empty((n,), device=z.device, dtype=torch.float32)
+        z_q = torch.empty((n, d), device=z.device, dtype=z.dtype)
+    else:
+        indices, min_dist, z_q = out
     block_n = 32
     block_d = min(128, max(16, triton.next_power_of_2(d)))
     _vq_epilogue_kernel[(triton.cdiv(n, block_n),)](
@@ -411,10 +420,10 @@ def _triton_forward(
     return indices, min_dist, z_q
 
 
-def _triton_grad_z(g_zq, z, e, indices, coef) -> torch.Tensor:
+def _triton_grad_z(g_zq, z, e, indices, coef, out: torch.Tensor | None = None) -> torch.Tensor:
     """g_zq (N, D) or None, coef (1,) fp32 -> dL/dz (N, D) in z's dtype."""
     n, d = z.shape
-    out = torch.empty_like(z, memory_format=torch.contiguous_format)
+    out = torch.empty_like(z, memory_format=torch.contiguous_format) if out is None else out
     block_n, block_d = 32, min(128, max(16, triton.next_power_of_2(d)))
     g = g_zq if g_zq is not None else z  # placeholder pointer when HAS_GZQ is False
     _vq_grad_z_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
@@ -424,7 +433,7 @@ def _triton_grad_z(g_zq, z, e, indices, coef) -> torch.Tensor:
     return out
 
 
-def _triton_grad_e(z, e, indices, coef, deterministic: bool) -> torch.Tensor:
+def _triton_grad_e(z, e, indices, coef, deterministic: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """coef (1,) fp32 -> dL/de (K, D) in e's dtype: coef * (count_k e_k - sum_{idx_n=k} z_n)."""
     n, d = z.shape
     k = e.shape[0]
@@ -433,7 +442,7 @@ def _triton_grad_e(z, e, indices, coef, deterministic: bool) -> torch.Tensor:
         order = torch.argsort(indices, stable=True)  # (N,) rows grouped by code, increasing row id inside a code
         offsets = torch.zeros(k + 1, device=z.device, dtype=torch.int64)  # (K + 1,)
         torch.cumsum(torch.bincount(indices, minlength=k), 0, out=offsets[1:])
-        out = torch.empty_like(e, memory_format=torch.contiguous_format)
+        out = torch.empty_like(e, memory_format=torch.contiguous_format) if out is None else out
         _vq_grad_e_segment_kernel[(k, triton.cdiv(d, block_d))](
             z, e, order, offsets, coef, out, d, z.stride(0), e.stride(0), out.stride(0),
             BLOCK_R=16, BLOCK_D=block_d, num_warps=4,
@@ -445,7 +454,8 @@ def _triton_grad_e(z, e, indices, coef, deterministic: bool) -> torch.Tensor:
         z, indices, sums, n, d, z.stride(0), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4
     )
     counts = torch.bincount(indices, minlength=k).to(torch.float32)  # (K,)
-    return (coef * (counts[:, None] * e.float() - sums)).to(e.dtype)
+    grad = (coef * (counts[:, None] * e.float() - sums)).to(e.dtype)
+    return grad if out is None else out.copy_(grad)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -87,3 +87,17 @@ def all_reduce_mean(values: dict[str, float], dev: torch.device) -> dict[str, fl
     torch.distributed.all_reduce(t)
     t /= torch.distributed.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def any_rank(flag: bool, dev: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one (e.g. a stop request, a non-finite loss)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def nonfinite_anywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is NaN/inf on any rank; all ranks must agree before skipping a backward."""
+    return any_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device)

@@ -10,8 +10,6 @@ partitioned and gathered by module hooks) it runs the module with requires_grad 
 
 from __future__ import annotations
 
-import os
-import time
 from contextlib import contextmanager
 
 import torch
@@ -22,16 +20,10 @@ from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.gan import adaptive_weight, generator_adv_loss, hinge_d_loss
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
-from svq_fast.train.checkpoint import (
-    export_safetensors,
-    full_state_dict,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-)
+from svq_fast.train import loop
 from svq_fast.train.data import forever, train_loader
-from svq_fast.train.engine import all_reduce_mean, autocast_dtype, build_engine, device, init_distributed
-from svq_fast.train.logger import RunLogger
+from svq_fast.train.engine import autocast_dtype, build_engine, device, init_distributed, nonfinite_anywhere
+from svq_fast.train.loop import Stage
 from svq_fast.train.run_dir import prepare_run
 
 
@@ -65,13 +57,14 @@ def _weight_shape(param: torch.Tensor):
 class Stage1Step:
     """One micro-batch of generator + discriminator work; returns detached scalars for logging."""
 
-    def __init__(self, cfg: Stage1Config, gen, disc):
-        self.cfg, self.gen, self.disc = cfg, gen, disc
+    def __init__(self, cfg: Stage1Config, gen, disc, dev: torch.device):
+        self.cfg, self.gen, self.disc, self.dev = cfg, gen, disc, dev
+        self.last: dict = {}
         self.model: SVQModel = gen.module
         self.dtype = autocast_dtype(cfg)
 
-    def __call__(self, batch: dict, step: int, dev: torch.device) -> dict[str, float]:
-        cfg, m = self.cfg, self.model
+    def __call__(self, batch: dict, step: int) -> dict[str, float]:
+        cfg, m, dev = self.cfg, self.model, self.dev
         x = batch["image"].to(dev, self.dtype) if m.has_image else None
         s = batch["label"].to(dev) if m.has_semantic else None
         out = self.gen(x, s)
@@ -124,6 +117,8 @@ class Stage1Step:
                 sem_acc=acc.item(),
                 perplexity_s=out["perplexity_s"].item(),
             )
+        if nonfinite_anywhere(reported):
+            return {}  # every rank skips this micro-batch (the loop counts it and may stop the run)
         self.gen.backward(loss)
         self.gen.step()
         logs["loss"] = reported.item()
@@ -133,6 +128,8 @@ class Stage1Step:
             b = x.shape[0]
             logits = self.disc(torch.cat([x, out["x_hat"].detach()]))  # one pass: real then fake
             d_loss = hinge_d_loss(logits[:b], logits[b:])
+            if nonfinite_anywhere(d_loss):
+                return {}
             self.disc.backward(d_loss)
             self.disc.step()
             logs.update(
@@ -154,65 +151,24 @@ def train_stage1(cfg: Stage1Config) -> dict:
         d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers)
         disc, _, _ = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)
         engines["discriminator"] = disc
+    step_fn = Stage1Step(cfg, gen, disc, dev)
 
-    start = 0
-    resume_dir = resolve_resume(run_dir, cfg.run.resume)
-    if resume_dir:
-        start = int(load_checkpoint(resume_dir, engines).get("step", 0))
-    torch.manual_seed(cfg.run.seed * 1000 + rank + 7919 * start)  # per-rank stream for dropout etc.
-    batches = forever(train_loader(cfg.data, cfg.optim.micro_batch, rank, world, seed_offset=start))
-    step_fn = Stage1Step(cfg, gen, disc)
-    log = RunLogger(
-        run_dir,
-        rank=rank,
-        total_steps=cfg.optim.max_steps,
-        initial_step=start,
-        tensorboard=cfg.log.tensorboard,
-        progress=cfg.log.progress,
-        desc="stage1",
-    )
-    history: list[dict] = []
-    window: dict[str, float] = {}
-    n_window, t_window, data_time = 0, time.perf_counter(), 0.0
-    for step in range(start, cfg.optim.max_steps):
-        for _ in range(cfg.optim.grad_accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            data_time += time.perf_counter() - t0
-            for k, v in step_fn(batch, step, dev).items():
-                window[k] = window.get(k, 0.0) + v / cfg.optim.grad_accum
-        n_window += 1
-        log.advance({"loss": window["loss"] / n_window})
-        last = step + 1 == cfg.optim.max_steps
-        if (step + 1) % cfg.log.every == 0 or last:
-            elapsed = time.perf_counter() - t_window
-            means = all_reduce_mean({k: v / n_window for k, v in window.items()}, dev)
-            samples = n_window * cfg.optim.micro_batch * cfg.optim.grad_accum
-            scalars = {f"loss/{k}": v for k, v in means.items()}
-            scalars.update(
-                {
-                    "throughput/samples_per_s": samples * world / elapsed,
-                    "throughput/images_per_s_per_rank": samples / elapsed,
-                    "throughput/data_wait_fraction": data_time / elapsed,
-                    "lr": gen_sched.get_last_lr()[0],
-                }
-            )
-            log.scalars(step + 1, scalars)
-            history.append({"step": step + 1, **means})
-            window, n_window, t_window, data_time = {}, 0, time.perf_counter(), 0.0
-        if cfg.log.image_every and ((step + 1) % cfg.log.image_every == 0 or last) and rank == 0:
-            log.image(step + 1, "reconstructions", _image_grid(step_fn.last, cfg))
-        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and not last:
-            save_checkpoint(run_dir, step + 1, engines, {"step": step + 1}, cfg.run.keep_last)
-    log.close()
-    save_checkpoint(run_dir, cfg.optim.max_steps, engines, {"step": cfg.optim.max_steps}, cfg.run.keep_last)
-    state = full_state_dict(gen)
-    if rank == 0:
-        export_safetensors(state, cfg, os.path.join(run_dir, "export"))
-        _write_history(run_dir, history)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return {"run_dir": run_dir, "history": history}
+    def make_batches(start: int):
+        torch.manual_seed(cfg.run.seed * 1000 + rank + 7919 * start)  # per-rank stream (dropout, image dropout)
+        return forever(train_loader(cfg.data, cfg.optim.micro_batch, rank, world, seed_offset=start))
+
+    def throughput(samples: int, seconds: float) -> dict[str, float]:
+        return {
+            "throughput/samples_per_s": samples * world / seconds,
+            "throughput/images_per_s_per_rank": samples / seconds,
+        }
+
+    def on_log(step: int, log) -> None:
+        if cfg.log.image_every and step % cfg.log.image_every == 0 and step_fn.last:
+            log.image(step, "reconstructions", _image_grid(step_fn.last, cfg))
+
+    stage = Stage("stage1", engines, step_fn, make_batches, throughput, on_log, lr=lambda: gen_sched.get_last_lr()[0])
+    return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir)
 
 
 @torch.no_grad()
@@ -228,10 +184,3 @@ def _image_grid(last: dict, cfg: Stage1Config, n: int = 4) -> torch.Tensor:
             row += [colorize(last["s"][i : i + 1], k, ig)[0], colorize(last["s_logits"][i : i + 1].argmax(1), k, ig)[0]]
         rows.append(row)
     return grid(rows)
-
-
-def _write_history(run_dir: str, history: list[dict]) -> None:
-    import json
-
-    with open(os.path.join(run_dir, "history.json"), "w") as f:
-        json.dump(history, f, indent=1)

@@ -1,0 +1,189 @@
+"""The training loop both stages share: resume, micro-batches with gradient accumulation, rank-reduced
+logging windows, non-finite guards, time limits and preemption (SIGTERM), checkpoints and the final export.
+
+A stage supplies its engines and a `micro_step(batch, step) -> {name: float}` that runs forward, backward
+and engine.step() for one micro-batch (returning {} when it skipped a non-finite loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from svq_fast.train.checkpoint import (
+    export_safetensors,
+    full_state_dict,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from svq_fast.train.engine import all_reduce_mean, any_rank
+from svq_fast.train.logger import RunLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Stage:
+    name: str
+    engines: dict  # name -> DeepSpeed engine; the first one is exported at the end
+    micro_step: Callable[[dict, int], dict[str, float]]
+    make_batches: Callable[[int], Iterator[dict]]  # start step -> batch iterator for this rank
+    throughput: Callable[[int, float], dict[str, float]]  # (samples this rank, seconds) -> scalars
+    on_log: Callable[[int, RunLogger], None] | None = None  # extra logging (images) at logging steps
+    lr: Callable[[], float] = lambda: 0.0
+    extra_state: dict = field(default_factory=dict)
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can checkpoint at the next step boundary and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir: str) -> dict:
+    opt = cfg.optim
+    start = 0
+    resume_dir = resolve_resume(run_dir, cfg.run.resume)
+    if resume_dir:
+        start = int(load_checkpoint(resume_dir, stage.engines).get("step", 0))
+        if rank == 0:
+            print(f"[{stage.name}] resumed from {resume_dir} at step {start}", flush=True)
+    batches = stage.make_batches(start)
+    log = RunLogger(
+        run_dir,
+        rank=rank,
+        total_steps=opt.max_steps,
+        initial_step=start,
+        tensorboard=cfg.log.tensorboard,
+        progress=cfg.log.progress,
+        desc=stage.name,
+    )
+    history: list[dict] = _read_history(run_dir) if start else []
+    history = [h for h in history if h["step"] <= start]
+    window: dict[str, float] = {}
+    n_window, skipped_in_row, skipped_total = 0, 0, 0
+    t_start = t_window = time.perf_counter()
+    data_time = 0.0
+    step = start
+    stop_reason = "max_steps"
+    with _Preemption() as preempt:
+        while step < opt.max_steps:
+            step_logs: dict[str, float] = {}
+            applied = 0
+            while applied < opt.grad_accum:  # a skipped micro-batch is replaced by the next one
+                t0 = time.perf_counter()
+                batch = next(batches)
+                data_time += time.perf_counter() - t0
+                logs = stage.micro_step(batch, step)
+                if not logs:  # a non-finite loss on some rank: every rank skipped this micro-batch
+                    skipped_in_row += 1
+                    skipped_total += 1
+                    if rank == 0:
+                        print(
+                            f"[{stage.name}] step {step}: non-finite loss, micro-batch skipped "
+                            f"({skipped_in_row} in a row)",
+                            flush=True,
+                        )
+                    if skipped_in_row >= cfg.run.max_nonfinite_skips:
+                        raise NonFiniteLossError(
+                            f"{stage.name}: {skipped_in_row} consecutive non-finite losses at step {step}; stopping. "
+                            "Lower optim.lr, check the data (a bad shard?), or resume from the last checkpoint."
+                        )
+                    continue
+                skipped_in_row = 0
+                applied += 1
+                for k, v in logs.items():
+                    step_logs[k] = step_logs.get(k, 0.0) + v / opt.grad_accum
+            for k, v in step_logs.items():
+                window[k] = window.get(k, 0.0) + v
+            n_window += 1
+            step += 1
+            log.advance({"loss": window.get("loss", 0.0) / n_window})
+            over_time = cfg.run.max_seconds > 0 and time.perf_counter() - t_start > cfg.run.max_seconds
+            stop = any_rank(preempt.requested or over_time, dev)
+            last = step == opt.max_steps or stop
+            if step % cfg.log.every == 0 or last:
+                elapsed = time.perf_counter() - t_window
+                means = all_reduce_mean({k: v / n_window for k, v in window.items()}, dev)
+                samples = n_window * opt.micro_batch * opt.grad_accum
+                scalars = {f"loss/{k}": v for k, v in means.items()}
+                scalars.update(stage.throughput(samples, elapsed))
+                scalars.update(
+                    {
+                        "throughput/data_wait_fraction": data_time / elapsed,
+                        "lr": stage.lr(),
+                        "guard/skipped_microbatches": float(skipped_total),
+                    }
+                )
+                log.scalars(step, scalars)
+                history.append({"step": step, **means})
+                if stage.on_log is not None and rank == 0:
+                    stage.on_log(step, log)
+                window, n_window, t_window, data_time = {}, 0, time.perf_counter(), 0.0
+            if last:
+                if stop:
+                    stop_reason = "preempted" if preempt.requested else "max_seconds"
+                break
+            if cfg.run.save_every and step % cfg.run.save_every == 0:
+                save_checkpoint(run_dir, step, stage.engines, {"step": step}, cfg.run.keep_last)
+    log.close()
+    save_checkpoint(run_dir, step, stage.engines, {"step": step}, cfg.run.keep_last)
+    if rank == 0:
+        _write_history(run_dir, history)
+    if stop_reason == "max_steps":
+        export(cfg, stage, rank, run_dir)
+    elif rank == 0:
+        print(
+            f"[{stage.name}] stopped at step {step} ({stop_reason}); checkpoint saved, resume with --run.resume=auto",
+            flush=True,
+        )
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return {"run_dir": run_dir, "history": history, "step": step, "stop_reason": stop_reason}
+
+
+def export(cfg, stage: Stage, rank: int, run_dir: str) -> None:
+    """Collective under ZeRO-3 (the weights are gathered); rank 0 writes <run_dir>/export."""
+    state = full_state_dict(next(iter(stage.engines.values())))
+    if rank == 0:
+        export_safetensors(state, cfg, os.path.join(run_dir, "export"))
+
+
+def _write_history(run_dir: str, history: list[dict]) -> None:
+    tmp = os.path.join(run_dir, "history.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(history, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, "history.json"))
+
+
+def _read_history(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "history.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
