@@ -31,8 +31,8 @@ Where it is fast / slow:
   decoding with T_q = 1 (one program per head does all the work; SDPA/flash-decoding is better there).
 - The backward recomputes Q K^T twice (7 matmuls instead of 5) to avoid atomics; that is the price of
   the deterministic, atomic-free two-kernel layout.
-- fp32 inputs run only in the Triton interpreter (TRITON_INTERPRET=1, CPU tests). The interpreter is a
-  correctness path, never a performance path.
+- fp32 is what the interpreter tests use (TRITON_INTERPRET=1 on CPU; a correctness path, never a
+  performance path). On a GPU fp32 dots would run as TF32, so the dispatch offers fp16/bf16 only there.
 
 Shapes: q (B, H, T_q, d), k and v (B, H, T_k, d), T_q <= T_k when masked, d in {16, 32, 64, 128}.
 Any strides (the kernels take all four strides; only a non-unit last-dim stride is copied).
@@ -40,6 +40,7 @@ Any strides (the kernels take all four strides; only a non-unit last-dim stride 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -678,6 +679,11 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     """o = softmax(q k^T * sm_scale + mask) v with the mask given by `prefix` (already normalised, see
     `effective_prefix_len`). Saves q, k, v, o and the fp32 log-sum-exp (B, H, T_q)."""
@@ -685,7 +691,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix: int, sm_scale: float, blocks):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        o, lse = _fwd(q, k, v, prefix, sm_scale, blocks)
+        with _device_guard(q):
+            o, lse = _fwd(q, k, v, prefix, sm_scale, blocks)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.prefix, ctx.sm_scale, ctx.blocks = prefix, sm_scale, blocks
         return o
@@ -693,7 +700,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd(_unit_last(do), q, k, v, o, lse, ctx.prefix, ctx.sm_scale, ctx.blocks)
+        with _device_guard(q):
+            dq, dk, dv = _bwd(_unit_last(do), q, k, v, o, lse, ctx.prefix, ctx.sm_scale, ctx.blocks)
         return dq, dk, dv, None, None, None
 
 
