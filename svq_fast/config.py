@@ -106,6 +106,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 256
     random_flip: bool = True
+    # Every rank reads the same global stream and keeps its own slice of each global batch: wasteful, but the
+    # samples of a step are then independent of the number of ranks (for exact 1-vs-N-rank parity checks).
+    global_stream: bool = False
     seed: int = 0
 
 

@@ -36,8 +36,34 @@ def resolve_shards(cfg: DataConfig, split: str, rank: int) -> list[str]:
     return list_shards(spec)
 
 
+class _RankSlice:
+    """Iterates a loader of global batches (micro_batch * world) and yields this rank's rows."""
+
+    def __init__(self, loader, rank: int, micro_batch: int):
+        self.loader, self.rank, self.micro = loader, rank, micro_batch
+
+    def __iter__(self):
+        lo, hi = self.rank * self.micro, (self.rank + 1) * self.micro
+        for batch in self.loader:
+            yield {k: v[lo:hi] for k, v in batch.items()}
+
+
 def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, seed_offset: int = 0):
     shards = resolve_shards(cfg, "train", rank)
+    if cfg.global_stream:
+        loader = make_loader(
+            shards,
+            batch_size=micro_batch * world_size,
+            image_size=cfg.image_size,
+            rank=0,
+            world_size=1,
+            seed=cfg.seed + seed_offset,
+            num_workers=cfg.num_workers,
+            resampled=True,
+            flip=cfg.random_flip,
+            shuffle_buffer=cfg.shuffle_buffer,
+        )
+        return _RankSlice(loader, rank, micro_batch)
     return make_loader(
         shards,
         batch_size=micro_batch,

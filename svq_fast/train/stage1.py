@@ -18,6 +18,7 @@ from torch.func import functional_call
 from svq_fast.config import Stage1Config
 from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.gan import adaptive_weight, generator_adv_loss, hinge_d_loss
+from svq_fast.losses.perceptual import build_perceptual
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
@@ -60,6 +61,9 @@ class Stage1Step:
     def __init__(self, cfg: Stage1Config, gen, disc, dev: torch.device):
         self.cfg, self.gen, self.disc, self.dev = cfg, gen, disc, dev
         self.last: dict = {}
+        self.perceptual = build_perceptual(cfg.loss.perceptual_weight, cfg.loss.lpips_vgg_path)
+        if self.perceptual is not None:
+            self.perceptual.to(dev)
         self.model: SVQModel = gen.module
         self.dtype = autocast_dtype(cfg)
 
@@ -79,7 +83,12 @@ class Stage1Step:
             # autograd.grad calls must never touch x_hat itself.
             x_hat = out["x_hat"]
             leaf = x_hat.detach().requires_grad_(True)
-            nll = reconstruction_loss(leaf, x, l1_weight=cfg.loss.l1_weight, l2_weight=cfg.loss.l2_weight)
+            rec = reconstruction_loss(leaf, x, l1_weight=cfg.loss.l1_weight, l2_weight=cfg.loss.l2_weight)
+            nll = rec
+            if self.perceptual is not None:
+                p_loss = self.perceptual(leaf, x)
+                nll = nll + cfg.loss.perceptual_weight * p_loss
+                logs["lpips"] = p_loss.item()
             image_loss = nll
             if gan_on:
                 g_loss = generator_adv_loss(generator_adv_logits(self.disc, leaf))
@@ -101,7 +110,7 @@ class Stage1Step:
             surrogate = (x_hat * grad_x_hat.to(x_hat.dtype)).sum()  # d surrogate / d x_hat == grad_x_hat
             loss = loss + surrogate + out["vq_loss_x"]
             reported = reported + image_loss.detach() + out["vq_loss_x"].detach()
-            logs.update(rec=nll.item(), vq_x=out["vq_loss_x"].item(), perplexity_x=out["perplexity_x"].item())
+            logs.update(rec=rec.item(), vq_x=out["vq_loss_x"].item(), perplexity_x=out["perplexity_x"].item())
         if m.has_semantic:
             ce = semantic_loss(out["s_logits"], s, cfg.model.ignore_index)
             weight = cfg.loss.semantic_weight if m.has_image else 1.0  # lambda only couples two modalities

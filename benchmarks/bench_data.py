@@ -1,0 +1,162 @@
+"""Benchmark the data path on this machine: shard writing (images/s) and the streaming loader (samples/s).
+
+    python benchmarks/bench_data.py                    # default sizes, ~1-2 minutes on 2 cores
+    python benchmarks/bench_data.py --quick            # smaller counts, for a smoke run
+    python benchmarks/bench_data.py --out results.json
+
+Writers: `write_synthetic` (render + PNG encode) at 64 and 256 px, and the real-data converter on a generated
+ADE20k-layout tree of 512x384 JPEG images with 8-bit maps (decode, LUT remap, checks, resize to 256, crop,
+JPEG encode), each with 1 and 2 processes.
+Loader: one full exact epoch per setting (first epoch includes worker start-up), batch 32, for num_workers
+0, 1, 2, on the shards written above; samples/s = samples delivered / wall time.
+Also prints the per-pixel colour baselines on the synthetic scenes (the difficulty check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from svq_fast.data.loader import list_shards, make_loader  # noqa: E402
+from svq_fast.data.make_shards import write_dataset, write_synthetic  # noqa: E402
+from svq_fast.data.synthetic import NUM_CLASSES, SyntheticSpec, render_scene  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def fake_ade(root: str, n: int) -> None:
+    img_dir = os.path.join(root, "ADEChallengeData2016", "images", "training")
+    ann_dir = os.path.join(root, "ADEChallengeData2016", "annotations", "training")
+    os.makedirs(img_dir)
+    os.makedirs(ann_dir)
+    spec = SyntheticSpec(size=512, seed=0)
+    for i in range(n):
+        img, lab = render_scene(spec, i)
+        Image.fromarray(img[64:448]).save(os.path.join(img_dir, f"ADE_train_{i:08d}.jpg"), quality=90)
+        Image.fromarray((lab[64:448] * 9 + 1).astype(np.uint8)).save(os.path.join(ann_dir, f"ADE_train_{i:08d}.png"))
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
+def bench_loader(shards: list[str], image_size: int, num_workers: int, batch: int = 32) -> tuple[int, float]:
+    ld = make_loader(
+        shards,
+        batch_size=batch,
+        image_size=image_size,
+        num_workers=num_workers,
+        resampled=False,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=256,
+    )
+    t = time.perf_counter()
+    n = sum(b["image"].shape[0] for b in ld)
+    return n, time.perf_counter() - t
+
+
+def colour_baselines(n_train: int, n_val: int) -> tuple[float, float]:
+    def pixels(offset, n):
+        xs, ys = zip(*(render_scene(SyntheticSpec(size=64), offset + i) for i in range(n)))
+        return np.concatenate([x.reshape(-1, 3) for x in xs]).astype(np.float32), np.concatenate(
+            [y.ravel() for y in ys]
+        )
+
+    def miou(pred, y, c=NUM_CLASSES):
+        cm = np.bincount(y.astype(np.int64) * c + pred, minlength=c * c).reshape(c, c)
+        tp = np.diag(cm)
+        present = cm.sum(1) > 0
+        return float((tp / np.maximum(cm.sum(0) + cm.sum(1) - tp, 1))[present].mean())
+
+    xtr, ytr = pixels(0, n_train)
+    xva, yva = pixels(10_000_000, n_val)
+    means = np.stack([xtr[ytr == k].mean(0) for k in range(NUM_CLASSES)])
+    d = (xva**2).sum(1)[:, None] - 2 * xva @ means.T + (means**2).sum(1)[None]
+    q = lambda x: ((x // 16).astype(np.int64) * [256, 16, 1]).sum(1)  # noqa: E731
+    counts = np.zeros((4096, NUM_CLASSES))
+    np.add.at(counts, (q(xtr), ytr), 1)
+    return miou(d.argmin(1), yva), miou(counts.argmax(1)[q(xva)], yva)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    n64, n256, nade = (400, 100, 40) if args.quick else (3000, 600, 300)
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="bench_data_")
+    try:
+        print(f"machine: {machine()}")
+        shards = {}
+        for size, n in ((64, n64), (256, n256)):
+            for procs in (1, 2):
+                out = os.path.join(tmp, f"syn{size}_{procs}")
+                _, dt = timed(
+                    write_synthetic,
+                    out,
+                    size=size,
+                    num_samples=n,
+                    samples_per_shard=250,
+                    processes=procs,
+                    progress=False,
+                )
+                rows.append(("writer", f"synthetic {size}px png", f"processes={procs}", n, dt))
+                shards[f"synthetic {size}px png"] = (list_shards(out), size)
+        ade = os.path.join(tmp, "ade")
+        fake_ade(ade, nade)
+        for procs in (1, 2):
+            out = os.path.join(tmp, f"ade_{procs}")
+            _, dt = timed(
+                write_dataset, "ade20k", ade, out, size=256, samples_per_shard=100, processes=procs, progress=False
+            )
+            rows.append(("writer", "ade20k layout 512x384 jpg -> 256 jpg", f"processes={procs}", nade, dt))
+        shards["ade20k-converted 256px jpg"] = (list_shards(out), 256)
+        for name, (sh, size) in shards.items():
+            for nw in (0, 1, 2):
+                n, dt = bench_loader(sh, size, nw)
+                rows.append(("loader", name, f"num_workers={nw}", n, dt))
+        nearest, lut = colour_baselines(300, 100)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("\n| what | data | setting | items | seconds | items/s |")
+    print("|---|---|---|---:|---:|---:|")
+    for what, data, setting, n, dt in rows:
+        print(f"| {what} | {data} | {setting} | {n} | {dt:.2f} | {n / dt:.0f} |")
+    print(
+        f"\nsynthetic 64px, 300 train / 100 val scenes: per-pixel nearest-mean colour mIoU {nearest:.3f}, "
+        f"colour look-up (16^3 RGB bins) mIoU {lut:.3f}"
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine(), "rows": rows, "colour_baselines": [nearest, lut]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
