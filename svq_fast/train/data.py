@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import torch
 
 from svq_fast.config import DataConfig
 from svq_fast.data.loader import list_shards, make_loader
+from svq_fast.data.synthetic import SYNTHETIC_VERSION
+
+
+def _synthetic_ready(out: str, num_samples: int) -> bool:
+    try:
+        with open(os.path.join(out, "index.json")) as f:
+            return json.load(f).get("num_samples") == num_samples
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_synthetic(cfg: DataConfig, split: str, num_samples: int, rank: int) -> str:
-    """Directory of synthetic shards for `split`; rank 0 writes them once if absent, the others wait."""
+    """Directory of synthetic shards for `split`, keyed by generator version, size and seed; rank 0 (re)writes
+    them when absent or of another size, the other ranks wait."""
     from svq_fast.data.make_shards import write_synthetic
 
-    out = os.path.join(cfg.synthetic_default, f"{cfg.image_size}px", split)
-    if rank == 0 and not os.path.exists(os.path.join(out, "index.json")):
+    out = os.path.join(cfg.synthetic_default, f"v{SYNTHETIC_VERSION}", f"{cfg.image_size}px-seed{cfg.seed}", split)
+    if rank == 0 and not _synthetic_ready(out, num_samples):
+        shutil.rmtree(out, ignore_errors=True)
         write_synthetic(
             out,
             split=split,
@@ -47,8 +60,14 @@ class _RankSlice:
         for batch in self.loader:
             yield {k: v[lo:hi] for k, v in batch.items()}
 
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
 
-def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, seed_offset: int = 0):
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int):
     shards = resolve_shards(cfg, "train", rank)
     if cfg.global_stream:
         loader = make_loader(
@@ -57,7 +76,7 @@ def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, 
             image_size=cfg.image_size,
             rank=0,
             world_size=1,
-            seed=cfg.seed + seed_offset,
+            seed=cfg.seed,
             num_workers=cfg.num_workers,
             resampled=True,
             flip=cfg.random_flip,
@@ -70,14 +89,9 @@ def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, 
         image_size=cfg.image_size,
         rank=rank,
         world_size=world_size,
-        seed=cfg.seed + seed_offset,
+        seed=cfg.seed,
         num_workers=cfg.num_workers,
         resampled=True,
         flip=cfg.random_flip,
         shuffle_buffer=cfg.shuffle_buffer,
     )
-
-
-def forever(loader):
-    while True:
-        yield from loader

@@ -11,8 +11,9 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class Stage:
     name: str
     engines: dict  # name -> DeepSpeed engine; the first one is exported at the end
     micro_step: Callable[[dict, int], dict[str, float]]
-    make_batches: Callable[[int], Iterator[dict]]  # start step -> batch iterator for this rank
+    loader: Any  # iterable of this rank's micro-batches with state_dict() / load_state_dict() (exact resume)
     throughput: Callable[[int, float], dict[str, float]]  # (samples this rank, seconds) -> scalars
     on_log: Callable[[int, RunLogger], None] | None = None  # extra logging (images) at logging steps
     lr: Callable[[], float] = lambda: 0.0
@@ -70,10 +71,16 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
     start = 0
     resume_dir = resolve_resume(run_dir, cfg.run.resume)
     if resume_dir:
-        start = int(load_checkpoint(resume_dir, stage.engines).get("step", 0))
+        client = load_checkpoint(resume_dir, stage.engines)  # also restores this rank's RNG states
+        start = int(client.get("step", 0))
+        if client.get("loader") is not None:
+            stage.loader.load_state_dict(client["loader"])
         if rank == 0:
             print(f"[{stage.name}] resumed from {resume_dir} at step {start}", flush=True)
-    batches = stage.make_batches(start)
+    else:
+        torch.manual_seed(cfg.run.seed * 1000 + rank)  # per-rank stream (dropout, CFG / image-modality dropout)
+    batches = _forever(stage.loader)
+    kill_at = int(os.environ.get("SVQ_FAST_TEST_KILL_AT_STEP", "0"))  # crash-test hook: SIGKILL after that step
     log = RunLogger(
         run_dir,
         rank=rank,
@@ -150,9 +157,13 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
                     stop_reason = "preempted" if preempt.requested else "max_seconds"
                 break
             if cfg.run.save_every and step % cfg.run.save_every == 0:
-                save_checkpoint(run_dir, step, stage.engines, {"step": step}, cfg.run.keep_last)
+                save_checkpoint(run_dir, step, stage.engines, _client_state(step, stage), cfg.run.keep_last)
+                if rank == 0:  # the curve so far goes with the checkpoint, so a resumed run continues it
+                    _write_history(run_dir, history)
+            if kill_at and step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
     log.close()
-    save_checkpoint(run_dir, step, stage.engines, {"step": step}, cfg.run.keep_last)
+    save_checkpoint(run_dir, step, stage.engines, _client_state(step, stage), cfg.run.keep_last)
     if rank == 0:
         _write_history(run_dir, history)
     if stop_reason == "max_steps":
@@ -165,6 +176,17 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return {"run_dir": run_dir, "history": history, "step": step, "stop_reason": stop_reason}
+
+
+def _client_state(step: int, stage: Stage) -> dict:
+    state = getattr(stage.loader, "state_dict", None)
+    return {"step": step, "loader": state() if state is not None else None}
+
+
+def _forever(loader):
+    """Endless batches; a finished pass (an exact epoch) starts the next one."""
+    while True:
+        yield from loader
 
 
 def export(cfg, stage: Stage, rank: int, run_dir: str) -> None:

@@ -22,7 +22,7 @@ from svq_fast.losses.perceptual import build_perceptual
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
-from svq_fast.train.data import forever, train_loader
+from svq_fast.train.data import train_loader
 from svq_fast.train.engine import autocast_dtype, build_engine, device, init_distributed, nonfinite_anywhere
 from svq_fast.train.loop import Stage
 from svq_fast.train.run_dir import prepare_run
@@ -162,10 +162,6 @@ def train_stage1(cfg: Stage1Config) -> dict:
         engines["discriminator"] = disc
     step_fn = Stage1Step(cfg, gen, disc, dev)
 
-    def make_batches(start: int):
-        torch.manual_seed(cfg.run.seed * 1000 + rank + 7919 * start)  # per-rank stream (dropout, image dropout)
-        return forever(train_loader(cfg.data, cfg.optim.micro_batch, rank, world, seed_offset=start))
-
     def throughput(samples: int, seconds: float) -> dict[str, float]:
         return {
             "throughput/samples_per_s": samples * world / seconds,
@@ -176,7 +172,16 @@ def train_stage1(cfg: Stage1Config) -> dict:
         if cfg.log.image_every and step % cfg.log.image_every == 0 and step_fn.last:
             log.image(step, "reconstructions", _image_grid(step_fn.last, cfg))
 
-    stage = Stage("stage1", engines, step_fn, make_batches, throughput, on_log, lr=lambda: gen_sched.get_last_lr()[0])
+    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world)
+    stage = Stage(
+        "stage1",
+        engines,
+        step_fn,
+        loader,
+        throughput,
+        on_log,
+        lr=lambda: gen_sched.get_last_lr()[0],
+    )
     return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir)
 
 

@@ -11,7 +11,7 @@ import torch
 from svq_fast.config import Stage2Config
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.train import loop
-from svq_fast.train.data import forever, train_loader
+from svq_fast.train.data import train_loader
 from svq_fast.train.engine import build_engine, device, init_distributed, nonfinite_anywhere
 from svq_fast.train.loop import Stage
 from svq_fast.train.pretrained import load_stage1
@@ -56,15 +56,19 @@ def train_stage2(cfg: Stage2Config) -> dict:
         gpt.step()
         return {"loss": loss.item()}
 
-    def make_batches(start: int):
-        torch.manual_seed(cfg.run.seed * 1000 + rank + 7919 * start)  # per-rank stream (CFG dropout)
-        return forever(train_loader(cfg.data, cfg.optim.micro_batch, rank, world, seed_offset=start))
-
     def throughput(samples: int, seconds: float) -> dict[str, float]:
         return {
             "throughput/samples_per_s": samples * world / seconds,
             "throughput/tokens_per_s_per_rank": samples * tokens_per_sample / seconds,
         }
 
-    stage = Stage("stage2", {"gpt": gpt}, micro_step, make_batches, throughput, lr=lambda: sched.get_last_lr()[0])
+    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world)
+    stage = Stage(
+        "stage2",
+        {"gpt": gpt},
+        micro_step,
+        loader,
+        throughput,
+        lr=lambda: sched.get_last_lr()[0],
+    )
     return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir)

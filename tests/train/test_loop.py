@@ -57,7 +57,7 @@ def make_stage(losses):
         "test",
         {"gpt": engine},
         micro_step,
-        lambda start: itertools.repeat({}),
+        itertools.repeat({}),
         lambda n, s: {"throughput/samples_per_s": n / s},
     )
     return stage, engine
