@@ -1,0 +1,147 @@
+"""The same stage-1 run under every supported launcher: deepspeed, torchrun, accelerate, and a 2-node torchrun
+(two launches on loopback, one rank each). Every rank reads its own deterministic stream, so all four layouts
+see identical data and must give identical losses."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+SCRIPT = str(ROOT / "recipes/train_svqgan.py")
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(data, out):
+    return [
+        "--config",
+        "svqgan_tiny",
+        f"--data.synthetic_default={data}",
+        "--data.synthetic_train_samples=200",
+        "--model.ch=16",
+        "--optim.max_steps=3",
+        "--log.every=1",
+        "--optim.micro_batch=4",
+        "--loss.disc_start=1",
+        "--log.progress=false",
+        f"--run.out_dir={out}",
+    ]
+
+
+def _check(r):
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def _run(cmd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def histories(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("launchers")
+    data = tmp / "data"
+    out = {}
+    _check(
+        _run(
+            [
+                str(BIN / "deepspeed"),
+                "--num_gpus",
+                "2",
+                "--master_port",
+                str(_port()),
+                SCRIPT,
+                *_args(data, tmp / "deepspeed"),
+            ]
+        )
+    )
+    out["deepspeed"] = tmp / "deepspeed"
+    _check(
+        _run(
+            [
+                str(BIN / "torchrun"),
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(_port()),
+                SCRIPT,
+                *_args(data, tmp / "torchrun"),
+            ]
+        )
+    )
+    out["torchrun"] = tmp / "torchrun"
+    _check(
+        _run(
+            [
+                str(BIN / "accelerate"),
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "--main_process_port",
+                str(_port()),
+                SCRIPT,
+                *_args(data, tmp / "accelerate"),
+            ]
+        )
+    )
+    out["accelerate"] = tmp / "accelerate"
+    port = _port()
+    nodes = [
+        subprocess.Popen(
+            [
+                str(BIN / "torchrun"),
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(r),
+                "--nproc_per_node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "svq",
+                SCRIPT,
+                *_args(data, tmp / "multinode"),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for r in (0, 1)
+    ]
+    for p in nodes:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    out["multinode"] = tmp / "multinode"
+    return {k: json.loads((v / "history.json").read_text()) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "multinode"])
+def test_launcher_matches_deepspeed(histories, launcher):
+    ref, got = histories["deepspeed"], histories[launcher]
+    assert [h["step"] for h in got] == [h["step"] for h in ref] == [1, 2, 3]
+    for a, b in zip(ref, got):
+        for key in ("loss", "rec", "sem_ce", "d_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (launcher, a["step"], key)
