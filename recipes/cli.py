@@ -14,6 +14,8 @@ def parse(argv: list[str], default: str, expected_type: type):
     args = list(argv)
     # launchers append --local_rank=N (deepspeed) which is not a config key
     args = [a for a in args if not a.startswith("--local_rank")]
+    # --profile: capture a torch.profiler trace into <run_dir>/profile (viewable in TensorBoard)
+    args = ["--log.profile=true" if a == "--profile" else a for a in args]
     name = default
     if "--config" in args:
         i = args.index("--config")

@@ -140,6 +140,7 @@ class LogConfig:
     image_every: int = 0  # image grids every N steps (0 = never)
     tensorboard: bool = True
     progress: bool = True  # tqdm on rank 0
+    profile: bool = False  # capture a torch.profiler trace (wait 1, warmup 1, active 3 steps) into <run>/profile
 
 
 @dataclass(kw_only=True)

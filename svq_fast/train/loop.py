@@ -12,7 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from svq_fast.train.checkpoint import (
 )
 from svq_fast.train.engine import all_reduce_mean, any_rank
 from svq_fast.train.logger import RunLogger
+from svq_fast.train.perf import PhaseTimer, device_peak, peak_memory_mib, profiler
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,7 +42,8 @@ class Stage:
     throughput: Callable[[int, float], dict[str, float]]  # (samples this rank, seconds) -> scalars
     on_log: Callable[[int, RunLogger], None] | None = None  # extra logging (images) at logging steps
     lr: Callable[[], float] = lambda: 0.0
-    extra_state: dict = field(default_factory=dict)
+    flops_per_sample: float = 0.0  # model FLOPs of one sample's forward + backward (see perf.count_flops)
+    timer: PhaseTimer | None = None  # filled by the stage's micro_step on sampled steps
 
 
 class _Preemption:
@@ -98,8 +100,17 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
     data_time = 0.0
     step = start
     stop_reason = "max_steps"
-    with _Preemption() as preempt:
+    peak, peak_label = device_peak(dev, cfg.zero.precision)
+    if rank == 0 and stage.flops_per_sample:
+        print(
+            f"[{stage.name}] {stage.flops_per_sample / 1e9:.2f} GFLOP per sample (fwd+bwd); "
+            f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_label})",
+            flush=True,
+        )
+    with _Preemption() as preempt, profiler(cfg.log.profile, run_dir) as prof:
         while step < opt.max_steps:
+            if stage.timer is not None:  # time the phases of one step per logging window (syncs CUDA)
+                stage.timer.enabled = (step + 1) % cfg.log.every == 0
             step_logs: dict[str, float] = {}
             applied = 0
             while applied < opt.grad_accum:  # a skipped micro-batch is replaced by the next one
@@ -130,6 +141,8 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
                 window[k] = window.get(k, 0.0) + v
             n_window += 1
             step += 1
+            if prof is not None:
+                prof.step()
             log.advance({"loss": window.get("loss", 0.0) / n_window})
             over_time = cfg.run.max_seconds > 0 and time.perf_counter() - t_start > cfg.run.max_seconds
             stop = any_rank(preempt.requested or over_time, dev)
@@ -140,15 +153,27 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
                 samples = n_window * opt.micro_batch * opt.grad_accum
                 scalars = {f"loss/{k}": v for k, v in means.items()}
                 scalars.update(stage.throughput(samples, elapsed))
-                scalars.update(
-                    {
-                        "throughput/data_wait_fraction": data_time / elapsed,
-                        "lr": stage.lr(),
-                        "guard/skipped_microbatches": float(skipped_total),
-                    }
-                )
+                perf = {
+                    "throughput/data_wait_fraction": data_time / elapsed,
+                    "memory/peak_mib": peak_memory_mib(dev),
+                }
+                if stage.flops_per_sample:
+                    perf["throughput/mfu"] = stage.flops_per_sample * samples / elapsed / peak
+                perf = all_reduce_mean(perf, dev)
+                if stage.timer is not None:
+                    perf.update(stage.timer.pop_fractions())
+                grad_norm = _grad_norm(stage)
+                if grad_norm is not None:
+                    perf["grad_norm"] = grad_norm
+                scale = _loss_scale(stage)
+                if scale is not None:
+                    perf["loss_scale"] = scale
+                scalars.update(perf)
+                scalars.update({"lr": stage.lr(), "guard/skipped_microbatches": float(skipped_total)})
                 log.scalars(step, scalars)
-                history.append({"step": step, **means})
+                history.append(
+                    {"step": step, **means, **{k: v for k, v in scalars.items() if not k.startswith("loss/")}}
+                )
                 if stage.on_log is not None and rank == 0:
                     stage.on_log(step, log)
                 window, n_window, t_window, data_time = {}, 0, time.perf_counter(), 0.0
@@ -176,6 +201,19 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return {"run_dir": run_dir, "history": history, "step": step, "stop_reason": stop_reason}
+
+
+def _grad_norm(stage: Stage) -> float | None:
+    engine = next(iter(stage.engines.values()))
+    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    return None if norm is None else float(norm)
+
+
+def _loss_scale(stage: Stage) -> float | None:
+    engine = next(iter(stage.engines.values()))
+    optimizer = getattr(engine, "optimizer", None)
+    scale = getattr(optimizer, "cur_scale", None) if getattr(engine, "fp16_enabled", lambda: False)() else None
+    return None if scale is None else float(scale)
 
 
 def _client_state(step: int, stage: Stage) -> dict:

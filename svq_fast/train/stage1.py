@@ -10,6 +10,7 @@ partitioned and gathered by module hooks) it runs the module with requires_grad 
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import torch
@@ -25,6 +26,7 @@ from svq_fast.train import loop
 from svq_fast.train.data import train_loader
 from svq_fast.train.engine import autocast_dtype, build_engine, device, init_distributed, nonfinite_anywhere
 from svq_fast.train.loop import Stage
+from svq_fast.train.perf import PhaseTimer, count_flops
 from svq_fast.train.run_dir import prepare_run
 
 
@@ -61,6 +63,7 @@ class Stage1Step:
     def __init__(self, cfg: Stage1Config, gen, disc, dev: torch.device):
         self.cfg, self.gen, self.disc, self.dev = cfg, gen, disc, dev
         self.last: dict = {}
+        self.timer = PhaseTimer(dev)
         self.perceptual = build_perceptual(cfg.loss.perceptual_weight, cfg.loss.lpips_vgg_path)
         if self.perceptual is not None:
             self.perceptual.to(dev)
@@ -71,7 +74,8 @@ class Stage1Step:
         cfg, m, dev = self.cfg, self.model, self.dev
         x = batch["image"].to(dev, self.dtype) if m.has_image else None
         s = batch["label"].to(dev) if m.has_semantic else None
-        out = self.gen(x, s)
+        with self.timer("forward"):
+            out = self.gen(x, s)
         logs: dict[str, float] = {}
         loss = torch.zeros((), device=dev)  # what backward sees
         reported = torch.zeros((), device=dev)  # the value of equation (3) (+ GAN term), for logging
@@ -128,19 +132,23 @@ class Stage1Step:
             )
         if nonfinite_anywhere(reported):
             return {}  # every rank skips this micro-batch (the loop counts it and may stop the run)
-        self.gen.backward(loss)
-        self.gen.step()
+        with self.timer("backward"):
+            self.gen.backward(loss)
+        with self.timer("optimizer"):
+            self.gen.step()
         logs["loss"] = reported.item()
         self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_logits": out.get("s_logits")}
 
         if self.disc is not None and step >= cfg.loss.disc_start - cfg.loss.disc_warmup:
             b = x.shape[0]
-            logits = self.disc(torch.cat([x, out["x_hat"].detach()]))  # one pass: real then fake
+            with self.timer("discriminator"):
+                logits = self.disc(torch.cat([x, out["x_hat"].detach()]))  # one pass: real then fake
             d_loss = hinge_d_loss(logits[:b], logits[b:])
             if nonfinite_anywhere(d_loss):
                 return {}
-            self.disc.backward(d_loss)
-            self.disc.step()
+            with self.timer("discriminator"):
+                self.disc.backward(d_loss)
+                self.disc.step()
             logs.update(
                 d_loss=d_loss.item(), logits_real=logits[:b].mean().item(), logits_fake=logits[b:].mean().item()
             )
@@ -181,8 +189,32 @@ def train_stage1(cfg: Stage1Config) -> dict:
         throughput,
         on_log,
         lr=lambda: gen_sched.get_last_lr()[0],
+        flops_per_sample=stage1_flops_per_sample(cfg, dev),
+        timer=step_fn.timer,
     )
     return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir)
+
+
+def stage1_flops_per_sample(cfg: Stage1Config, dev: torch.device) -> float:
+    """FLOPs of one sample through the generator (fwd + bwd) and, with the GAN, the discriminator on real, fake
+    and the generator's adversarial pass (fwd + bwd each); counted on fresh reference-backend copies."""
+    qcfg = dataclasses.replace(cfg.quantizer, backend="ref")
+    model = SVQModel(cfg.model, qcfg).to(dev)
+    size = cfg.model.image_size
+    x = torch.zeros(1, 3, size, size, device=dev)
+    s = torch.zeros(1, size, size, dtype=torch.long, device=dev)
+
+    def generator():
+        out = model(x if model.has_image else None, s if model.has_semantic else None)
+        total = sum(v.float().sum() for k, v in out.items() if k in ("x_hat", "s_logits", "vq_loss_x", "vq_loss_s"))
+        total.backward()
+
+    flops = count_flops(generator)
+    if cfg.loss.gan and model.has_image:
+        disc = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers).to(dev)
+        three = torch.zeros(3, 3, size, size, device=dev, requires_grad=True)
+        flops += count_flops(lambda: disc(three).sum().backward())
+    return float(flops)
 
 
 @torch.no_grad()

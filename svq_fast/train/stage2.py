@@ -6,6 +6,8 @@ micro-batch); the loss is cross-entropy on image tokens only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from svq_fast.config import Stage2Config
@@ -14,6 +16,7 @@ from svq_fast.train import loop
 from svq_fast.train.data import train_loader
 from svq_fast.train.engine import build_engine, device, init_distributed, nonfinite_anywhere
 from svq_fast.train.loop import Stage
+from svq_fast.train.perf import PhaseTimer, count_flops
 from svq_fast.train.pretrained import load_stage1
 from svq_fast.train.run_dir import prepare_run
 from svq_fast.train.tokens import Tokenizer
@@ -46,14 +49,18 @@ def train_stage2(cfg: Stage2Config) -> dict:
     torch.manual_seed(cfg.run.seed)
     gpt, _, sched = build_engine(SemanticGPT(cfg.model), cfg, world_size=world)
     tokens_per_sample = 2 * cfg.model.grid**2  # semantic + image tokens per sequence
+    timer = PhaseTimer(dev)
 
     def micro_step(batch: dict, step: int) -> dict[str, float]:
         sem, img = tokenizer(batch["image"].to(dev), batch["label"].to(dev))
-        _, loss = gpt(sem, img)
+        with timer("forward"):
+            _, loss = gpt(sem, img)
         if nonfinite_anywhere(loss):
             return {}
-        gpt.backward(loss)
-        gpt.step()
+        with timer("backward"):
+            gpt.backward(loss)
+        with timer("optimizer"):
+            gpt.step()
         return {"loss": loss.item()}
 
     def throughput(samples: int, seconds: float) -> dict[str, float]:
@@ -70,5 +77,17 @@ def train_stage2(cfg: Stage2Config) -> dict:
         loader,
         throughput,
         lr=lambda: sched.get_last_lr()[0],
+        flops_per_sample=gpt_flops_per_sample(cfg, dev),
+        timer=timer,
     )
     return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir)
+
+
+def gpt_flops_per_sample(cfg: Stage2Config, dev: torch.device) -> float:
+    """FLOPs of one sequence's forward + backward, counted on a fresh copy with reference attention
+    (T x T scores counted in full)."""
+    model = SemanticGPT(dataclasses.replace(cfg.model, attn_backend="ref")).to(dev)
+    n = cfg.model.grid**2
+    sem = torch.zeros(1, n, dtype=torch.long, device=dev)
+    img = torch.zeros(1, n, dtype=torch.long, device=dev)
+    return float(count_flops(lambda: model(sem, img)[1].backward()))
