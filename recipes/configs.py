@@ -101,7 +101,62 @@ def gpt_tiny() -> Stage2Config:
     )
 
 
-CONFIGS = {f.__name__: f for f in (svqgan_f16_256, svqgan_tiny, gpt_f16_256, gpt_tiny)}
+# ----------------------------------------------------------------------------------------------------
+# The model family of the paper's Tables 1-3, as variants of the two base configs above.
+#   vqvae / vqgan:      image-only VQ models (the image half of the VQ-T baselines)
+#   semantic_vqvae:     the separately trained semantic VQVAE that conditions the VQ-T baselines
+#   svqvae / svqgan:    semantically coupled models, lambda = 0.1 (paper default); svqgan_l001 / svqgan_l1:
+#                       lambda = 0.01 / 1.0 (Tables 2-3)
+
+
+def _variant(base, name: str, *, kind: str, gan: bool, semantic_weight: float = 0.1) -> Stage1Config:
+    cfg = base()
+    cfg.model.kind = kind
+    cfg.loss.gan = gan and kind != "semantic"
+    cfg.loss.semantic_weight = semantic_weight
+    if not cfg.loss.gan:  # VQVAE: L2 reconstruction + codebook, no perceptual or adversarial term
+        cfg.loss.l1_weight, cfg.loss.l2_weight, cfg.loss.perceptual_weight = 0.0, 1.0, 0.0
+    cfg.run.name = name
+    cfg.run.out_dir = f"runs/{name}"
+    return cfg
+
+
+_FAMILY = {
+    "vqvae": dict(kind="image", gan=False),
+    "vqgan": dict(kind="image", gan=True),
+    "semantic_vqvae": dict(kind="semantic", gan=False),
+    "svqvae": dict(kind="svq", gan=False),
+    "svqgan_l001": dict(kind="svq", gan=True, semantic_weight=0.01),
+    "svqgan_l1": dict(kind="svq", gan=True, semantic_weight=1.0),
+}
+
+
+def _make(base, name, spec):
+    def config() -> Stage1Config:
+        return _variant(base, name, **spec)
+
+    config.__name__ = name
+    config.__doc__ = f"{name}: {spec}"
+    return config
+
+
+_VARIANTS = {
+    f"{fam}_{size}": _make(base, f"{fam}_{size}", spec)
+    for fam, spec in _FAMILY.items()
+    for size, base in (("tiny", svqgan_tiny), ("f16_256", svqgan_f16_256))
+}
+
+
+def gpt_baseline_tiny() -> Stage2Config:
+    """VQ-T baseline Transformer: image tokens from vqgan_tiny, condition tokens from semantic_vqvae_tiny."""
+    cfg = gpt_tiny()
+    cfg.stage1, cfg.stage1_semantic = "runs/vqgan_tiny/export", "runs/semantic_vqvae_tiny/export"
+    cfg.run.name, cfg.run.out_dir = "gpt_baseline_tiny", "runs/gpt_baseline_tiny"
+    return cfg
+
+
+CONFIGS = {f.__name__: f for f in (svqgan_f16_256, svqgan_tiny, gpt_f16_256, gpt_tiny, gpt_baseline_tiny)}
+CONFIGS.update(_VARIANTS)
 
 
 def get_config(name: str):

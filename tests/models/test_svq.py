@@ -83,3 +83,34 @@ def test_out_of_range_class_id_is_named():
 def test_discriminator_patch_logits():
     d = PatchDiscriminator(ch=8, n_layers=2)
     assert d(torch.randn(2, 3, 64, 64)).shape[:2] == (2, 1)
+
+
+def test_every_family_config_builds_and_runs():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
+    from configs import CONFIGS
+
+    names = [n for n in CONFIGS if n.endswith("_tiny") and not n.startswith("gpt")]
+    assert {
+        "vqvae_tiny",
+        "vqgan_tiny",
+        "semantic_vqvae_tiny",
+        "svqvae_tiny",
+        "svqgan_tiny",
+        "svqgan_l001_tiny",
+        "svqgan_l1_tiny",
+    } <= set(names)
+    for name in names:
+        cfg = CONFIGS[name]()
+        cfg.model.ch = 8
+        m = SVQModel(cfg.model, cfg.quantizer)
+        x = torch.rand(1, 3, 64, 64) * 2 - 1
+        s = torch.randint(0, cfg.model.num_classes, (1, 64, 64))
+        out = m(x if m.has_image else None, s if m.has_semantic else None)
+        grid = out.get("indices_x", out.get("indices_s")).shape[-1]
+        assert grid == 16, name  # the paper's 16x16 latents at 64x64
+        assert (cfg.loss.gan and cfg.model.kind != "semantic") == (name.startswith(("vqgan", "svqgan")))
+    assert CONFIGS["svqgan_l001_tiny"]().loss.semantic_weight == 0.01
+    assert CONFIGS["svqgan_l1_f16_256"]().model.image_size == 256

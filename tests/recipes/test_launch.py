@@ -55,6 +55,8 @@ def stage1_run(tmp_path_factory):
         "--optim.micro_batch=4",
         "--loss.disc_start=12",
         "--loss.disc_warmup=4",
+        "--log.image_every=8",
+        "--profile",
         "--log.progress=false",
         f"--run.out_dir={run}",
     )
@@ -70,7 +72,32 @@ def test_stage1_two_ranks_trains_and_exports(stage1_run):
     assert "g_adv" in hist[-1] and "d_loss" in hist[-1]  # the GAN terms were active at the end
     model, cfg = load_stage1(str(run / "export"))
     assert cfg.model.kind == "svq" and model.quantizer_x.codebook_size == cfg.quantizer.image_codebook_size
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    events = list((run / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1  # rank 0 only
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0])).Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in (
+        "loss/rec",
+        "loss/sem_ce",
+        "loss/d_loss",
+        "throughput/samples_per_s",
+        "throughput/images_per_s_per_rank",
+        "throughput/mfu",
+        "throughput/data_wait_fraction",
+        "time/forward_fraction",
+        "time/backward_fraction",
+        "memory/peak_mib",
+        "grad_norm",
+        "lr",
+        "loss/perplexity_x",
+    ):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("throughput/mfu")] == [4, 8, 12, 16]
+    assert all(0 < e.value < 1 for e in acc.Scalars("throughput/mfu"))
+    assert "reconstructions" in acc.Tags()["images"]
+    assert list((run / "profile").glob("*.pt.trace.json"))
     assert (run / "checkpoints" / "step00000016" / "COMPLETE").exists()
 
 

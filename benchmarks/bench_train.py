@@ -1,0 +1,144 @@
+"""Training throughput of each recipe with the fused ops versus `backend=ref` everywhere, in the same run,
+plus the cost of TensorBoard logging (logging every step on vs. off).
+
+    python benchmarks/bench_train.py                      # CPU: tiny configs, 1 rank
+    python benchmarks/bench_train.py --device cuda --paper --seconds 60 --precision bf16   # GPU suite
+
+Each measurement is one in-process training run (single rank, DeepSpeed engine) on the built-in synthetic data;
+the first `--warmup` steps are excluded. Rows go to --out as JSON: {recipe, variant, steps_per_s, samples_per_s,
+mfu, peak_mem_mib, device}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+
+from configs import get_config  # noqa: E402
+
+from svq_fast.config import apply_overrides  # noqa: E402
+from svq_fast.train.stage1 import train_stage1  # noqa: E402
+from svq_fast.train.stage2 import train_stage2  # noqa: E402
+
+
+def _variant_overrides(recipe: str, variant: str) -> list[str]:
+    if variant == "ref":
+        key = "--quantizer.backend=ref" if recipe == "stage1" else "--model.attn_backend=ref"
+        return [key]
+    if variant == "no_tensorboard":
+        return ["--log.tensorboard=false"]
+    return []
+
+
+def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | None) -> dict:
+    name = (
+        ("svqgan_f16_256" if args.paper else "svqgan_tiny")
+        if recipe == "stage1"
+        else ("gpt_f16_256" if args.paper else "gpt_tiny")
+    )
+    cfg = get_config(name)
+    out_dir = os.path.join(workdir, f"{recipe}-{variant}")
+    overrides = [
+        f"--data.synthetic_default={os.path.join(workdir, 'data')}",
+        f"--data.synthetic_train_samples={args.samples}",
+        f"--run.out_dir={out_dir}",
+        f"--optim.max_steps={args.steps}",
+        f"--run.max_seconds={args.seconds}",
+        "--log.every=1",
+        "--log.progress=false",
+        f"--zero.precision={args.precision}",
+        f"--optim.micro_batch={args.micro_batch}",
+        "--run.keep_last=1",
+    ]
+    if recipe == "stage1":
+        overrides.append("--loss.disc_start=0")  # measure the full GAN step
+    else:
+        overrides.append(f"--stage1={stage1_export}")
+    cfg = apply_overrides(cfg, overrides + _variant_overrides(recipe, variant))
+    t0 = time.perf_counter()
+    result = (train_stage1 if recipe == "stage1" else train_stage2)(cfg)
+    wall = time.perf_counter() - t0
+    hist = result["history"][args.warmup :]
+    if not hist:
+        raise RuntimeError(f"{recipe}/{variant}: fewer than {args.warmup + 1} steps ran in {args.seconds}s")
+    sps = sum(h["throughput/samples_per_s"] for h in hist) / len(hist)
+    return {
+        "recipe": recipe,
+        "config": name,
+        "variant": variant,
+        "device": args.device,
+        "precision": args.precision,
+        "steps": len(hist),
+        "samples_per_s": sps,
+        "steps_per_s": sps / args.micro_batch,
+        "mfu": sum(h.get("throughput/mfu", float("nan")) for h in hist) / len(hist),
+        "peak_mem_mib": max(h["memory/peak_mib"] for h in hist),
+        "wall_s": wall,
+        "export": os.path.join(out_dir, "export"),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--paper", action="store_true", help="paper-size configs (GPU)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=0.0, help="per-run time limit (0 = none)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--samples", type=int, default=400, help="synthetic train samples to generate")
+    p.add_argument("--recipes", default="stage1,stage2")
+    p.add_argument("--variants", default="fused,ref,no_tensorboard")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        stage1_export = None
+        for recipe in args.recipes.split(","):
+            for variant in args.variants.split(","):
+                row = measure(recipe, variant, args, work, stage1_export)
+                rows.append(row)
+                if recipe == "stage1" and variant == "fused":
+                    stage1_export = row["export"]
+                print(
+                    f"{recipe:7s} {variant:15s} {row['samples_per_s']:9.2f} samples/s  mfu {row['mfu']:.3f}  "
+                    f"peak {row['peak_mem_mib']:.0f} MiB",
+                    flush=True,
+                )
+            if recipe == "stage1" and stage1_export is None and "stage2" in args.recipes:
+                raise SystemExit("stage2 needs the stage1 'fused' variant first (it exports the tokenizer)")
+
+    print(f"\n{'recipe':8s}{'variant':16s}{'samples/s':>10s}{'vs fused':>10s}{'MFU':>8s}{'peak MiB':>10s}")
+    for row in rows:
+        base = next(r for r in rows if r["recipe"] == row["recipe"] and r["variant"] == "fused")
+        ratio = row["samples_per_s"] / base["samples_per_s"]
+        print(
+            f"{row['recipe']:8s}{row['variant']:16s}{row['samples_per_s']:10.2f}{ratio:10.3f}{row['mfu']:8.3f}"
+            f"{row['peak_mem_mib']:10.0f}"
+        )
+    for recipe in {r["recipe"] for r in rows}:
+        by = {r["variant"]: r for r in rows if r["recipe"] == recipe}
+        if "ref" in by and "fused" in by:
+            print(f"{recipe}: fused is {by['fused']['samples_per_s'] / by['ref']['samples_per_s']:.2f}x backend=ref")
+        if "no_tensorboard" in by and "fused" in by:
+            overhead = 1 - by["fused"]["samples_per_s"] / by["no_tensorboard"]["samples_per_s"]
+            print(f"{recipe}: TensorBoard logging every step costs {100 * overhead:.1f}% of throughput")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
