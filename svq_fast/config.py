@@ -92,6 +92,7 @@ class GPTConfig:
     attn_backend: Literal["auto", "triton", "xformers", "sdpa", "ref"] = "auto"
     prefix_lm: bool = False  # semantic tokens attend bidirectionally among themselves
     cfg_dropout: float = 0.1  # probability of replacing the condition by learned null tokens
+    chunked_ce: bool = False  # image-token loss without materialising (B, N, V) logits (kernels/cross_entropy.py)
 
 
 @dataclass(kw_only=True)
@@ -100,6 +101,7 @@ class DataConfig:
 
     train_shards: str = ""  # a directory of .tar shards, a glob, or a brace pattern
     val_shards: str = ""
+    token_shards: str = ""  # stage 2 only: token shards from recipes/tokenize_shards.py (skips the encoder)
     synthetic_default: str = "data/synthetic"  # used when train_shards is empty; generated on first use
     synthetic_train_samples: int = 4000  # size of the generated synthetic train split (val: 256)
     image_size: int = 256

@@ -188,12 +188,16 @@ def collate(samples: list[dict]) -> dict:
     with several intra-op threads was measured 10-40x slower per batch on a 2-vCPU VM."""
     if get_worker_info() is not None:
         return default_collate(samples)
-    return {
-        "image": torch.from_numpy(np.stack([s["image"].numpy() for s in samples])),
-        "label": torch.from_numpy(np.stack([s["label"].numpy() for s in samples])),
-        "key": [s["key"] for s in samples],
-        "pad": torch.tensor([s["pad"] for s in samples], dtype=torch.bool),
-    }
+    batch = {}
+    for name, first in samples[0].items():
+        column = [s[name] for s in samples]
+        if isinstance(first, torch.Tensor):
+            batch[name] = torch.from_numpy(np.stack([t.numpy() for t in column]))
+        elif isinstance(first, bool):
+            batch[name] = torch.tensor(column, dtype=torch.bool)
+        else:
+            batch[name] = column
+    return batch
 
 
 @dataclass(frozen=True)
@@ -408,7 +412,7 @@ class SemanticShardStream(IterableDataset):
                 return None
             key, raw, _, where = rows[i]
             try:
-                return decode_sample(raw, where=where)[:2]
+                return self.decode(raw, where)
             except ShardFormatError as e:
                 warnings.warn(f"{e}; sample replaced by a padded repeat", stacklevel=2)
                 self._count("bad_samples")
@@ -426,13 +430,22 @@ class SemanticShardStream(IterableDataset):
                     if decoded is not None:
                         key = rows[(i + j) % len(rows)][0]
                         break
-            if decoded is None:  # nothing readable in the block
-                s = self.image_size
-                image, label = np.zeros((s, s, 3), np.uint8), np.full((s, s), IGNORE, np.uint8)
-            else:
-                image, label = joint_transform(*decoded, self.image_size, params[i], self.flip, self.crop)
-            x, s = to_tensors(image, label)
-            yield {"image": x, "label": s, "key": key, "pad": bool(pad)}
+            yield {**self.make_sample(decoded, params[i]), "key": key, "pad": bool(pad)}
+
+    # ---- what a sample is (overridden by other shard kinds, e.g. token shards) --------------------------------
+    def decode(self, raw: dict[str, bytes], where: str):
+        """Raw tar members of one sample -> decoded arrays; raises ShardFormatError naming `where`."""
+        return decode_sample(raw, where=where)[:2]
+
+    def make_sample(self, decoded, params: np.ndarray) -> dict:
+        """Decoded arrays (None: nothing readable in the block) -> tensors, with the sample's random params."""
+        if decoded is None:
+            s = self.image_size
+            image, label = np.zeros((s, s, 3), np.uint8), np.full((s, s), IGNORE, np.uint8)
+        else:
+            image, label = joint_transform(*decoded, self.image_size, params, self.flip, self.crop)
+        x, s = to_tensors(image, label)
+        return {"image": x, "label": s}
 
     # ---- iteration -------------------------------------------------------------------------------------------
     def _logical_worker(self) -> tuple[int, int]:
@@ -535,10 +548,11 @@ def make_loader(
     shuffle: bool = True,
     epoch: int = 0,
     pin_memory: bool = False,
+    stream_cls: type[SemanticShardStream] | None = None,
 ) -> ShardLoader:
     """A ShardLoader (a DataLoader) yielding {"image", "label", "key", "pad"} batches; see the module docstring.
     rank / world_size default to torch.distributed's when it is initialised (else 0 / 1)."""
-    dataset = SemanticShardStream(
+    dataset = (stream_cls or SemanticShardStream)(
         shards,
         image_size=image_size,
         batch_size=batch_size,

@@ -2,13 +2,23 @@
 
 Tokens are drawn by inverse-CDF with one uniform number per sample and step from the given generator, so
 the cached and the fully recomputed paths consume identical randomness and give the same tokens.
+
+Caches (sample_image_tokens(cache=...)): "dynamic" grows per-layer tensors by concatenation; "static"
+preallocates (B, H, T_max, d) buffers and writes them in place. With cuda_graph=True (CUDA only; ignored with
+a warning elsewhere) the single-token decode step over the static cache is captured once in a CUDA graph and
+replayed for every later token, which removes the per-kernel launch overhead that dominates small-batch
+decoding on a GPU.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from svq_fast.models.gpt import KVCache, SemanticGPT
+from svq_fast.models.gpt import KVCache, SemanticGPT, StaticKVCache
+
+CACHES = ("dynamic", "static")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -47,6 +57,36 @@ def _guided(logits: torch.Tensor, b: int, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
+class GraphedDecodeStep:
+    """SemanticGPT.decode_step_at over a StaticKVCache, captured in a CUDA graph.
+
+    Static inputs (the token (B,) and the position (1,)) are copied in before each replay; the returned
+    logits (B, V) live in the graph's memory and are overwritten by the next call. The warm-up runs and the
+    capture write the keys/values of `token` at `cache.length`: the first real call writes that same slot.
+    """
+
+    def __init__(self, gpt: SemanticGPT, cache: StaticKVCache, token: torch.Tensor):
+        if token.device.type != "cuda":
+            raise RuntimeError(f"GraphedDecodeStep needs CUDA tensors, got device {token.device}")
+        self.token = token.clone()  # (B,)
+        self.pos = torch.full((1,), cache.length, dtype=torch.long, device=token.device)  # (1,)
+        side = torch.cuda.Stream(token.device)
+        side.wait_stream(torch.cuda.current_stream(token.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph: kernel selection, workspaces
+            for _ in range(2):
+                gpt.decode_step_at(self.token, self.pos, cache)
+        torch.cuda.current_stream(token.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = gpt.decode_step_at(self.token, self.pos, cache)  # (B, V)
+
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def sample_image_tokens(
     gpt: SemanticGPT,
@@ -58,23 +98,58 @@ def sample_image_tokens(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    cache: str = "dynamic",
+    cuda_graph: bool = False,
+    num_tokens: int | None = None,
 ) -> torch.Tensor:
-    """sem_tokens (B, P) -> image tokens (B, N)."""
+    """sem_tokens (B, P) -> image tokens (B, num_tokens) (default: all N = grid^2).
+
+    use_cache=False recomputes the whole sequence for every token (the reference path). cache: "dynamic"
+    (concatenation) or "static" (preallocated, written in place). cuda_graph=True uses the static cache and
+    replays the decode step from a CUDA graph when sem_tokens is on CUDA (elsewhere it warns and runs the
+    static cache eagerly). num_tokens < N stops early (benchmarks, tests).
+    """
+    if cache not in CACHES:
+        raise ValueError(f"sample_image_tokens: cache must be one of {CACHES}, got {cache!r}")
+    n = gpt.n_img if num_tokens is None else int(num_tokens)
+    if not 0 < n <= gpt.n_img:
+        raise ValueError(f"sample_image_tokens: num_tokens must be in [1, {gpt.n_img}], got {num_tokens}")
+    if cuda_graph:
+        if not use_cache:
+            raise ValueError("sample_image_tokens: cuda_graph=True needs use_cache=True")
+        if sem_tokens.device.type != "cuda":
+            warnings.warn(
+                f"sample_image_tokens: cuda_graph=True ignored on device {sem_tokens.device} (CUDA only); "
+                "decoding with the static cache eagerly",
+                stacklevel=2,
+            )
+            cuda_graph = False
+        cache = "static"
     b = sem_tokens.shape[0]
     cfg_on = guidance_scale != 1.0
     cond = torch.cat([sem_tokens, sem_tokens]) if cfg_on else sem_tokens
     uncond = None
     if cfg_on:
         uncond = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(sem_tokens.device)
-    out = torch.empty(b, gpt.n_img, dtype=torch.long, device=sem_tokens.device)
-    cache = KVCache(len(gpt.blocks)) if use_cache else None
+    out = torch.empty(b, n, dtype=torch.long, device=sem_tokens.device)
+    kv = None
+    if use_cache:
+        kv = StaticKVCache(len(gpt.blocks), gpt.max_len) if cache == "static" else KVCache(len(gpt.blocks))
+    graphed = None
     step_in = None  # the token fed to the cache at the next step: (B,) or (2B,) with guidance
-    for i in range(gpt.n_img):
-        if use_cache:
-            logits = gpt.prefill(cond, cache, uncond) if i == 0 else gpt.decode_step(step_in, cache)
-        else:
+    for i in range(n):
+        if not use_cache:
             prefix = out[:, :i].repeat(2 if cfg_on else 1, 1)
             logits = gpt.logits_full(cond, prefix, uncond)
+        elif i == 0:
+            logits = gpt.prefill(cond, kv, uncond)
+        elif cuda_graph:
+            if graphed is None:
+                graphed = GraphedDecodeStep(gpt, kv, step_in)
+            logits = graphed(step_in, kv.length)
+            kv.advance(1)
+        else:
+            logits = gpt.decode_step(step_in, kv)
         tok = draw(_guided(logits, b, guidance_scale), temperature, top_k, top_p, generator)
         out[:, i] = tok
         step_in = torch.cat([tok, tok]) if cfg_on else tok

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from svq_fast.config import Stage2Config
+from svq_fast.data.tokens import make_token_loader, read_token_index
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.train import loop
 from svq_fast.train.data import train_loader
@@ -45,14 +46,17 @@ def train_stage2(cfg: Stage2Config) -> dict:
     rank, world = init_distributed()
     run_dir = prepare_run(cfg, rank)
     dev = device()
-    tokenizer = build_tokenizer(cfg, dev)
+    tokenizer = None if cfg.data.token_shards else build_tokenizer(cfg, dev)
     torch.manual_seed(cfg.run.seed)
-    gpt, _, sched = build_engine(SemanticGPT(cfg.model), cfg, world_size=world)
+    gpt, _, sched = build_engine(SemanticGPT(cfg.model, chunked_ce=cfg.model.chunked_ce), cfg, world_size=world)
     tokens_per_sample = 2 * cfg.model.grid**2  # semantic + image tokens per sequence
     timer = PhaseTimer(dev)
 
     def micro_step(batch: dict, step: int) -> dict[str, float]:
-        sem, img = tokenizer(batch["image"].to(dev), batch["label"].to(dev))
+        if tokenizer is None:  # token shards
+            sem, img = batch["sem"].to(dev), batch["img"].to(dev)
+        else:
+            sem, img = tokenizer(batch["image"].to(dev), batch["label"].to(dev))
         with timer("forward"):
             _, loss = gpt(sem, img)
         if nonfinite_anywhere(loss):
@@ -69,7 +73,11 @@ def train_stage2(cfg: Stage2Config) -> dict:
             "throughput/tokens_per_s_per_rank": samples * tokens_per_sample / seconds,
         }
 
-    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world)
+    loader = (
+        token_train_loader(cfg, rank, world)
+        if cfg.data.token_shards
+        else train_loader(cfg.data, cfg.optim.micro_batch, rank, world)
+    )
     stage = Stage(
         "stage2",
         {"gpt": gpt},
@@ -91,3 +99,23 @@ def gpt_flops_per_sample(cfg: Stage2Config, dev: torch.device) -> float:
     sem = torch.zeros(1, n, dtype=torch.long, device=dev)
     img = torch.zeros(1, n, dtype=torch.long, device=dev)
     return float(count_flops(lambda: model(sem, img)[1].backward()))
+
+
+def token_train_loader(cfg: Stage2Config, rank: int, world: int):
+    index = read_token_index(cfg.data.token_shards)
+    g = cfg.model
+    found = (index["image_vocab"], index["semantic_vocab"], index["grid"])
+    if found != (g.image_vocab, g.semantic_vocab, g.grid):
+        raise ValueError(
+            f"token shards {cfg.data.token_shards} hold (image vocab, semantic vocab, grid) = {found}, "
+            f"the GPT config has {(g.image_vocab, g.semantic_vocab, g.grid)}"
+        )
+    return make_token_loader(
+        cfg.data.token_shards,
+        batch_size=cfg.optim.micro_batch,
+        rank=rank,
+        world_size=world,
+        seed=cfg.data.seed,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from svq_fast.config import GPTConfig
@@ -42,3 +43,57 @@ def test_zero_temperature_is_greedy():
     a = sample_image_tokens(m, sem, temperature=0.0)
     first = m.logits_full(sem, a[:, :0]).argmax(-1)
     assert torch.equal(a[:, 0], first)
+
+
+def _gpt_prefix(prefix_lm: bool):
+    cfg = GPTConfig(image_vocab=30, semantic_vocab=10, grid=4, n_layer=2, n_head=2, n_embd=32, attn_backend="sdpa",
+                    prefix_lm=prefix_lm)  # fmt: skip
+    return SemanticGPT(cfg).double().eval()
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_dynamic_and_static_caches_equal_recomputation(prefix_lm, guidance):
+    m = _gpt_prefix(prefix_lm)
+    sem = torch.randint(0, 10, (2, 16))
+    kw = dict(temperature=1.0, top_k=20, top_p=0.95, guidance_scale=guidance)
+    ref = sample_image_tokens(m, sem, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    for cache in ("dynamic", "static"):
+        got = sample_image_tokens(m, sem, generator=torch.Generator().manual_seed(3), cache=cache, **kw)
+        assert torch.equal(got, ref), cache
+
+
+def test_num_tokens_gives_the_first_tokens():
+    m = _gpt()
+    sem = torch.randint(0, 10, (2, 16))
+    full = sample_image_tokens(m, sem, generator=torch.Generator().manual_seed(0), cache="static")
+    part = sample_image_tokens(m, sem, generator=torch.Generator().manual_seed(0), cache="static", num_tokens=5)
+    assert torch.equal(part, full[:, :5])
+    with pytest.raises(ValueError, match="num_tokens"):
+        sample_image_tokens(m, sem, num_tokens=17)
+    with pytest.raises(ValueError, match="cache must be"):
+        sample_image_tokens(m, sem, cache="paged")
+
+
+def test_cuda_graph_is_ignored_off_cuda():
+    m = _gpt()
+    sem = torch.randint(0, 10, (2, 16))
+    ref = sample_image_tokens(m, sem, generator=torch.Generator().manual_seed(4), cache="static", num_tokens=4)
+    with pytest.warns(UserWarning, match="CUDA only"):
+        got = sample_image_tokens(m, sem, generator=torch.Generator().manual_seed(4), cuda_graph=True, num_tokens=4)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_cuda_graph_sampling_equals_recomputation_on_cuda(guidance):
+    m = _gpt_prefix(True).cuda()  # fp64: no near-ties between the masked full-buffer and the sliced attention
+    sem = torch.randint(0, 10, (3, 16), device="cuda")
+    kw = dict(temperature=1.0, top_k=20, top_p=0.95, guidance_scale=guidance)
+
+    def run(**extra):
+        return sample_image_tokens(m, sem, generator=torch.Generator("cuda").manual_seed(5), **kw, **extra)
+
+    ref = run(use_cache=False)
+    assert torch.equal(run(cache="static"), ref)
+    assert torch.equal(run(cuda_graph=True), ref)

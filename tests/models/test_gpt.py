@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from svq_fast.config import GPTConfig
-from svq_fast.models.gpt import KVCache, SemanticGPT
+from svq_fast.models.gpt import KVCache, SemanticGPT, StaticKVCache
 
 
 def tiny_gpt(**kw):
@@ -89,3 +89,86 @@ def test_kv_cache_logits_equal_full_recomputation():
         step_logits.append(m.decode_step(img[:, i], cache))
     for i, lg in enumerate(step_logits):
         torch.testing.assert_close(lg, m.logits_full(sem, img[:, :i]))
+
+
+@pytest.mark.parametrize("prefix_lm", [False, True])
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_both_caches_equal_full_recomputation(kind, prefix_lm):
+    m = tiny_gpt(prefix_lm=prefix_lm)
+    sem, img = tokens(b=2)
+    cache = KVCache(2) if kind == "dynamic" else StaticKVCache(2, m.max_len)
+    step_logits = [m.prefill(sem, cache)]
+    for i in range(6):
+        step_logits.append(m.decode_step(img[:, i], cache))
+    assert cache.length == 16 + 6
+    for i, lg in enumerate(step_logits):
+        torch.testing.assert_close(lg, m.logits_full(sem, img[:, :i]))
+
+
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_fixed_shape_decode_step_equals_recomputation(prefix_lm):
+    """decode_step_at is what the CUDA graph captures; its math is checked here on CPU."""
+    m = tiny_gpt(prefix_lm=prefix_lm)
+    sem, img = tokens(b=2)
+    uncond = torch.tensor([False, True])
+    cache = StaticKVCache(2, m.max_len)
+    m.prefill(sem, cache, uncond)
+    pos = torch.zeros(1, dtype=torch.long)
+    for i in range(5):
+        pos.fill_(cache.length)
+        lg = m.decode_step_at(img[:, i], pos, cache)
+        cache.advance(1)
+        torch.testing.assert_close(lg, m.logits_full(sem, img[:, : i + 1], uncond))
+
+
+def test_static_cache_buffers_are_written_in_place_and_checked():
+    m = tiny_gpt()
+    sem, img = tokens(b=2)
+    cache = StaticKVCache(2, m.max_len)
+    m.prefill(sem, cache)
+    buf = cache.k[0]
+    assert buf.shape == (2, 2, 32, 16)  # (B, H, T_max, d), allocated once
+    m.decode_step(img[:, 0], cache)
+    assert cache.k[0] is buf and cache.length == 17
+    with pytest.raises(ValueError, match="new cache"):
+        m.decode_step(img[:1, 0], cache)  # another batch size
+    small = StaticKVCache(2, 16)
+    m.prefill(sem, small)
+    with pytest.raises(ValueError, match="overflows max_len=16"):
+        m.decode_step(img[:, 0], small)
+
+
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_chunked_ce_matches_plain_loss_and_gradients(prefix_lm):
+    cfg = dict(image_vocab=40, semantic_vocab=12, grid=4, n_layer=2, n_head=2, n_embd=32, cfg_dropout=0.0,
+               attn_backend="sdpa", prefix_lm=prefix_lm)  # fmt: skip
+    plain = SemanticGPT(GPTConfig(**cfg))
+    chunked = SemanticGPT(GPTConfig(**cfg), chunked_ce=True, ce_chunk_rows=7)  # 48 rows -> 7 chunks, last short
+    chunked.load_state_dict(plain.state_dict())
+    sem, img = tokens(b=3)
+    uncond = torch.tensor([False, True, False])
+    logits, loss = plain(sem, img, uncond=uncond)
+    none, loss_c = chunked(sem, img, uncond=uncond)
+    assert logits is not None and none is None
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    loss_c.backward()
+    for (name, p), pc in zip(plain.named_parameters(), chunked.parameters()):
+        assert pc.grad is not None, name
+        torch.testing.assert_close(pc.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():  # no gradient work, same value
+        torch.testing.assert_close(chunked(sem, img, uncond=uncond)[1], loss.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_ce_under_autocast_and_state_dict_keys():
+    cfg = GPTConfig(image_vocab=40, semantic_vocab=12, grid=4, n_layer=1, n_head=2, n_embd=32, cfg_dropout=0.0,
+                    attn_backend="sdpa")  # fmt: skip
+    plain, chunked = SemanticGPT(cfg), SemanticGPT(cfg, chunked_ce=True)
+    assert "head.weight" in chunked.state_dict() and "head.bias" not in chunked.state_dict()
+    chunked.load_state_dict(plain.state_dict())
+    sem, img = tokens(b=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = plain(sem, img)
+        _, loss_c = chunked(sem, img)
+    assert loss_c.dtype == torch.float32
+    torch.testing.assert_close(loss_c, loss.float(), rtol=2e-2, atol=2e-2)

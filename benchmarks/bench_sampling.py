@@ -1,0 +1,229 @@
+"""Benchmark image-token sampling: full recomputation vs the dynamic / static KV cache (and a CUDA graph).
+
+    python benchmarks/bench_sampling.py                                  # CPU, fp32, batch 1 and 4
+    python benchmarks/bench_sampling.py --device cuda --out r.json      # GPU, bf16, batch 1, 8, 32
+    python benchmarks/bench_sampling.py --batches 1 --full-tokens 256   # time full recomputation on all 256
+
+Model: the issue's 12-layer, width-512 GPT (8 heads, image vocab 16384, semantic vocab 4096, 16x16 grid:
+256 semantic tokens, then 256 image tokens), random weights (timing does not depend on them), eval mode,
+temperature 1, no top-k/top-p, no guidance. Every timed run is one call of
+svq_fast.eval.sampling.sample_image_tokens, prefill included (and, for cuda-graph, the graph capture too).
+
+Modes: full (use_cache=False: the whole sequence is recomputed for every token), dynamic, static,
+cuda-graph (static cache + CUDA-graph decode step, CUDA only).
+tokens/s = batch * tokens / seconds (image tokens over all sequences of the batch).
+
+Full recomputation costs O(T^2) per sample, so on CPU it is timed on the first --full-tokens image tokens
+(default 64) and the cached modes are timed on the same first K tokens for the speedup (`speedup` =
+t_full(K) / t_mode(K), both measured in this run) and on all 256 tokens for the tokens/s. Over the first K
+tokens the cached path also pays the whole prefill while the recomputation is at its cheapest, so the
+speedup over a complete 256-token sample is larger than the printed one (nothing is extrapolated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from svq_fast.config import GPTConfig  # noqa: E402
+from svq_fast.eval.sampling import sample_image_tokens  # noqa: E402
+from svq_fast.models.gpt import SemanticGPT  # noqa: E402
+
+MODES = ("full", "dynamic", "static", "cuda-graph")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on cpu, bf16 on cuda")
+    p.add_argument("--batches", default=None, help="comma list (default: 1,4 on cpu; 1,8,32 on cuda)")
+    p.add_argument("--modes", default=None, help=f"comma list from {MODES} (default: all usable)")
+    p.add_argument(
+        "--full-tokens",
+        type=int,
+        default=None,
+        help="image tokens timed for full recomputation and the speedup (default: 64 cpu, 256 cuda)",
+    )
+    p.add_argument("--reps", type=int, default=1, help="timed repetitions per row (the median is reported)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads on CPU (default 1: on a shared, oversubscribed box 2 threads "
+        "made timings erratic, see results/attention_cpu.md)",
+    )
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--md", default=None, help="also write the table as markdown here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.batches = [int(x) for x in (args.batches or ("1,8,32" if args.device == "cuda" else "1,4")).split(",")]
+    if args.modes:
+        args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in args.modes if m not in MODES]
+        if bad:
+            p.error(f"--modes: unknown {bad}; choose from {MODES}")
+    else:
+        args.modes = [m for m in MODES if m != "cuda-graph" or args.device == "cuda"]
+    if "cuda-graph" in args.modes and args.device != "cuda":
+        p.error("--modes cuda-graph needs --device cuda")
+    if args.full_tokens is None:
+        args.full_tokens = 256 if args.device == "cuda" else 64
+    if not 1 <= args.full_tokens <= 256:
+        p.error("--full-tokens must be in [1, 256]")
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
+    return args
+
+
+def machine(args) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    if args.device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = "not installed"
+    else:
+        name = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        info["device"] = f"{name} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+    return info
+
+
+def loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_sampling(gpt, sem, mode: str, n: int, reps: int) -> float:
+    kw = {
+        "full": dict(use_cache=False),
+        "dynamic": dict(cache="dynamic"),
+        "static": dict(cache="static"),
+        "cuda-graph": dict(cuda_graph=True),
+    }[mode]
+    times = []
+    for r in range(reps):
+        gen = torch.Generator(sem.device).manual_seed(r)
+        sync(sem.device)
+        t0 = time.perf_counter()
+        sample_image_tokens(gpt, sem, generator=gen, num_tokens=n, **kw)
+        sync(sem.device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = GPTConfig(
+        image_vocab=16384,
+        semantic_vocab=4096,
+        grid=16,
+        n_layer=args.layers,
+        n_head=args.heads,
+        n_embd=args.width,
+        cfg_dropout=0.0,
+        attn_backend="auto",
+    )
+    gpt = SemanticGPT(cfg).to(device=device, dtype=DTYPES[args.dtype]).eval().requires_grad_(False)
+    info = machine(args)
+    k = args.full_tokens
+    print(f"# bench_sampling: {info['device']}, torch {info['torch']}, {args.dtype}")
+    print(
+        f"# GPT {args.layers} layers, width {args.width}, {args.heads} heads, V_img 16384, V_sem 4096, "
+        f"256 semantic + 256 image tokens; full recomputation timed on the first {k} image tokens"
+    )
+    rows = []
+    for b in args.batches:
+        sem = torch.randint(0, cfg.semantic_vocab, (b, gpt.n_sem), device=device)
+        for mode in args.modes:  # warm-up: kernels, allocator, triton compile, graph path
+            if mode != "full" or device.type == "cuda":
+                sample_image_tokens(
+                    gpt,
+                    sem,
+                    num_tokens=3,
+                    use_cache=mode != "full",
+                    cache="dynamic" if mode == "dynamic" else "static",
+                    cuda_graph=mode == "cuda-graph",
+                )
+        t_k = {}
+        for mode in args.modes:
+            lengths = [k] if mode == "full" else sorted({k, 256})
+            for n in lengths:
+                load0 = loadavg()
+                t = time_sampling(gpt, sem, mode, n, args.reps)
+                if n == k:
+                    t_k[mode] = t
+                row = dict(
+                    device=info["device"],
+                    dtype=args.dtype,
+                    batch=b,
+                    mode=mode,
+                    tokens=n,
+                    seconds=round(t, 4),
+                    tokens_per_s=round(b * n / t, 2),
+                    load_start=load0,
+                    load_end=loadavg(),
+                )
+                rows.append(row)
+                print(f"batch {b:3d} {mode:10s} {n:3d} tokens  {t:9.3f} s  {b * n / t:10.1f} tokens/s", flush=True)
+        if "full" in t_k:
+            for mode in [m for m in args.modes if m != "full"]:
+                s = t_k["full"] / t_k[mode]
+                for row in rows:
+                    if row["batch"] == b and row["mode"] == mode and row["tokens"] == k:
+                        row["speedup_vs_full"] = round(s, 2)
+                print(f"batch {b:3d} {mode:10s} speedup {s:.1f} (vs full recomputation, first {k} tokens each)")
+    result = dict(bench="sampling", args=vars(args), info=info, rows=rows)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.md:
+        lines = [
+            "| batch | mode | image tokens | s | tokens/s | speedup vs full (same K) | load 1m start/end |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            sp = f"{r['speedup_vs_full']:.1f}" if "speedup_vs_full" in r else "-"
+            lines.append(
+                f"| {r['batch']} | {r['mode']} | {r['tokens']} | {r['seconds']:.3f} | "
+                f"{r['tokens_per_s']:.1f} | {sp} | {r['load_start']} / {r['load_end']} |"
+            )
+        Path(args.md).write_text("\n".join(lines) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Turn image shards into stage-2 token shards with a frozen stage-1 model, spread over processes with
+accelerate (each process encodes its share of the shards; the index is written by the main process).
+
+    python recipes/tokenize_shards.py --stage1 runs/svqgan/export --shards /data/shards/train --out /data/tokens/train
+    accelerate launch --num_processes 8 recipes/tokenize_shards.py --stage1 ... --shards ... --out ...
+    # baseline VQ-T: image codes from a VQGAN, condition codes from a separate semantic VQVAE
+    python recipes/tokenize_shards.py --stage1 runs/vqgan/export --stage1-semantic runs/semantic_vqvae/export ...
+
+(Named tokenize_shards.py, not tokenize.py: a script's folder is first on sys.path, and a recipes/tokenize.py
+would shadow the standard library's `tokenize`, which torch imports.)
+Then train stage 2 on them: recipes/train_transformer.py --data.token_shards=/data/tokens/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from svq_fast.data.loader import list_shards, make_loader
+from svq_fast.data.shards import INDEX_NAME, write_tar
+from svq_fast.data.tokens import encode_npy, token_dtype
+from svq_fast.train.pretrained import load_stage1
+from svq_fast.train.tokens import Tokenizer
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage1", required=True, help="stage-1 export (coupled sVQ model, or image VQ model)")
+    p.add_argument("--stage1-semantic", default="", help="separate semantic VQVAE export (VQ-T baseline)")
+    p.add_argument("--shards", required=True, help="image shards: a folder, glob or brace pattern")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    image_model, s1 = load_stage1(args.stage1, acc.device)
+    semantic_model = load_stage1(args.stage1_semantic, acc.device)[0] if args.stage1_semantic else None
+    tok = Tokenizer(image_model, semantic_model)
+    grid = s1.model.image_size // 2 ** (len(s1.model.ch_mult) - 1)
+    sem_dtype, img_dtype = token_dtype(tok.semantic_vocab), token_dtype(tok.image_vocab)
+    shards = list_shards(args.shards)
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    with acc.split_between_processes(list(range(len(shards)))) as mine:
+        for i in tqdm(mine, desc="tokenize", disable=not acc.is_main_process):
+            name = os.path.basename(shards[i])
+            loader = make_loader(
+                [shards[i]],
+                batch_size=args.batch_size,
+                image_size=s1.data.image_size,
+                rank=0,
+                world_size=1,
+                resampled=False,
+                flip=False,
+                crop="center",
+                shuffle=False,
+            )
+            members = []
+            for batch in loader:
+                keep = ~batch["pad"]
+                sem, img = tok(batch["image"][keep].to(acc.device), batch["label"][keep].to(acc.device))
+                keys = [k for k, m in zip(batch["key"], keep.tolist()) if m]
+                for key, zs, zx in zip(keys, sem.cpu().numpy(), img.cpu().numpy()):
+                    members += [
+                        (f"{key}.sem.npy", encode_npy(zs.astype(sem_dtype))),
+                        (f"{key}.img.npy", encode_npy(zx.astype(img_dtype))),
+                        (f"{key}.meta.json", json.dumps({"source_shard": name}).encode()),
+                    ]
+            write_tar(os.path.join(args.out, name), members)
+            written.append({"name": name, "samples": len(members) // 3})
+    counts = acc.gather_for_metrics(written, use_gather_object=True) if acc.num_processes > 1 else written
+    if acc.is_main_process:
+        index = {
+            "kind": "tokens",
+            "shards": sorted(counts, key=lambda r: r["name"]),
+            "num_samples": sum(r["samples"] for r in counts),
+            "grid": grid,
+            "semantic_vocab": tok.semantic_vocab,
+            "image_vocab": tok.image_vocab,
+            "stage1": os.path.abspath(args.stage1),
+            "stage1_semantic": os.path.abspath(args.stage1_semantic) if args.stage1_semantic else "",
+            "source": args.shards,
+        }
+        with open(os.path.join(args.out, INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=1)
+        print(
+            f"wrote {index['num_samples']} token sequences ({grid}x{grid} + {grid}x{grid}) in "
+            f"{len(counts)} shards to {args.out}"
+        )
+    acc.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
