@@ -34,6 +34,13 @@ class QuantizerConfig:
     beta: float = 0.25  # weight of the commitment term beta * ||z - sg[e]||^2 (textbook placement)
     backend: Literal["auto", "triton", "native", "ref"] = "auto"
     cosine: bool = False  # l2-normalise latents and codes before the lookup
+    grad: Literal["ste", "rotation"] = "ste"  # straight-through, or the rotation trick (Fifty et al. 2024)
+    code_dim: int = 0  # > 0: look codes up in this small dimension (LlamaGen-style 8-dim codes); 0 = latent dim
+    ema: bool = False  # EMA codebook updates instead of the codebook loss (not under ZeRO-3)
+    ema_decay: float = 0.99
+    restart_after: int = 100  # re-seed codes unused for this many training steps (0 = off); keeps usage high
+    usage_window: int = 100  # steps over which codebook usage is reported
+    deterministic: bool = True  # deterministic codebook-gradient scatter on GPU
 
 
 @dataclass(kw_only=True)

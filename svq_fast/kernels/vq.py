@@ -183,6 +183,8 @@ if _HAS_TRITON:
             (64, 128, 128, 4, 2),
             (128, 128, 128, 8, 2),
             (64, 64, 256, 4, 2),
+            (64, 128, 256, 8, 2),
+            (128, 64, 256, 8, 2),
         ):
             meta = {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}
             cfgs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
@@ -466,7 +468,8 @@ def _triton_grad_e(z, e, indices, coef, deterministic: bool, out: torch.Tensor |
 class _FusedVQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, codebook, beta: float, backend: str, deterministic: bool):
-        # z (N, D), codebook (K, D), same dtype
+        # z (N, D), codebook (K, D), same dtype; the kernels (and the saved tensors) assume unit column stride
+        z, codebook = z.contiguous(), codebook.contiguous()
         n, d = z.shape
         if backend == "triton":
             indices, min_dist, z_q = _triton_forward(z, codebook)

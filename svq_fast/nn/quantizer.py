@@ -10,6 +10,17 @@ Options (all tested in tests/nn/test_quantizer.py):
 - restart_after=W: codes unused for W training forwards are re-seeded from the current batch's encoder outputs.
 - usage statistics (usage_stats()): batch perplexity, perplexity and fraction of codes used over a sliding window.
 
+Default: dead-code restart on (restart_after=100), gradient-trained codebook (ema=False), straight-through.
+Measured (3 seeds, 600 steps, MLP autoencoder on 4096-cluster 32-d data, K=1024, D=64, Adam 1e-3; codes used in the
+last 100 steps, reconstruction MSE averaged over them) at 1024 / 256 latents per step:
+plain 3.8% / 2.2% used, MSE 0.857 / 0.892; restart_after=100: 99.9% / 100%, 0.733 / 0.749; ema: 36% / 30%,
+0.665 / 0.719; ema + restart_after=100: 100% / 99.9%, 0.495 / 0.522; cosine + code_dim=8: 100% / 100%,
+0.768 / 0.780; rotation: 24% / 12%, 0.764 / 0.822. EMA + restarts trains best, but EMA writes the codebook
+parameter inside forward (lost under ZeRO-3, refused there) and per micro-batch under gradient accumulation, so
+the default keeps the gradient codebook and only adds restarts. restart_after should give every healthy code many
+expected uses per window (global latents per step * restart_after / K >> 1): 100 does for K=16384 at 2048
+latents per step, 20 does not.
+
 Distributed (torch.distributed initialised): in training mode the code counts (and EMA sums) are all-reduced,
 so statistics, EMA updates and dead-code decisions are global and identical on every rank; restart values are
 drawn on rank 0 and broadcast, so every rank ends with the same codebook. Every rank must therefore run the
@@ -77,7 +88,7 @@ class VectorQuantizer(nn.Module):
         ema: bool = False,
         ema_decay: float = 0.99,
         ema_eps: float = 1e-5,
-        restart_after: int = 0,
+        restart_after: int = 100,
         usage_window: int = 100,
         deterministic: bool = True,
     ):
@@ -203,6 +214,11 @@ class VectorQuantizer(nn.Module):
 
     def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
         """counts (K,), sums (K, C): global statistics of this step."""
+        if hasattr(self.embedding.weight, "ds_status"):
+            raise RuntimeError(
+                "VectorQuantizer(ema=True) under DeepSpeed ZeRO-3: the codebook parameter is partitioned and an EMA "
+                "write inside forward would be dropped when it is released. Use ZeRO stage <= 2, or ema=False."
+            )
         decay = self.ema_decay
         self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_embed_sum.mul_(decay).add_(sums, alpha=1 - decay)

@@ -114,7 +114,12 @@ class Stage1Step:
             surrogate = (x_hat * grad_x_hat.to(x_hat.dtype)).sum()  # d surrogate / d x_hat == grad_x_hat
             loss = loss + surrogate + out["vq_loss_x"]
             reported = reported + image_loss.detach() + out["vq_loss_x"].detach()
-            logs.update(rec=rec.item(), vq_x=out["vq_loss_x"].item(), perplexity_x=out["perplexity_x"].item())
+            logs.update(
+                rec=rec.item(),
+                vq_x=out["vq_loss_x"].item(),
+                perplexity_x=out["perplexity_x"].item(),
+                codes_used_x=m.quantizer_x.usage_stats()["usage_fraction"],
+            )
         if m.has_semantic:
             ce = semantic_loss(out["s_logits"], s, cfg.model.ignore_index)
             weight = cfg.loss.semantic_weight if m.has_image else 1.0  # lambda only couples two modalities
@@ -125,6 +130,7 @@ class Stage1Step:
                 valid = s != cfg.model.ignore_index
                 acc = ((out["s_logits"].argmax(1) == s) & valid).sum() / valid.sum().clamp_min(1)
             logs.update(
+                codes_used_s=m.quantizer_s.usage_stats()["usage_fraction"],
                 sem_ce=ce.item(),
                 vq_s=out["vq_loss_s"].item(),
                 sem_acc=acc.item(),

@@ -44,7 +44,18 @@ class SVQModel(nn.Module):
             else None
         )
         self.encoder = Encoder(out_channels=zx + zs, **shape)
-        q = dict(beta=qcfg.beta, cosine=qcfg.cosine, backend=qcfg.backend)
+        q = dict(
+            beta=qcfg.beta,
+            cosine=qcfg.cosine,
+            backend=qcfg.backend,
+            grad=qcfg.grad,
+            code_dim=qcfg.code_dim or None,
+            ema=qcfg.ema,
+            ema_decay=qcfg.ema_decay,
+            restart_after=qcfg.restart_after,
+            usage_window=qcfg.usage_window,
+            deterministic=qcfg.deterministic,
+        )
         if self.has_image:
             self.quant_x = nn.Conv2d(zx, zx, 1)
             self.quantizer_x = VectorQuantizer(qcfg.image_codebook_size, zx, **q)
