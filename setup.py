@@ -76,8 +76,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "scipy", "ninja"],
-        "eval": ["lpips", "pytorch-fid", "torchmetrics", "scipy"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "scipy", "ninja", "lpips", "pytorch-fid>=0.3",
+                "torchmetrics>=1.4", "scikit-image"],
+        "eval": ["lpips", "pytorch-fid>=0.3", "torchmetrics>=1.4", "scipy"],
         "bench": ["vector-quantize-pytorch"],
         "gpu": ["xformers"],
     },

@@ -14,6 +14,7 @@ Then train stage 2 on them: recipes/train_transformer.py --data.token_shards=/da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = _rank_world()
     image_model, s1 = load_stage1(args.stage1, acc.device)
     semantic_model = load_stage1(args.stage1_semantic, acc.device)[0] if args.stage1_semantic else None
     tok = Tokenizer(image_model, semantic_model)
@@ -47,8 +49,12 @@ def main(argv=None) -> int:
     shards = list_shards(args.shards)
     os.makedirs(args.out, exist_ok=True)
     written = []
-    with acc.split_between_processes(list(range(len(shards)))) as mine:
-        for i in tqdm(mine, desc="tokenize", disable=not acc.is_main_process):
+    if (acc.num_processes, acc.process_index) == (world, rank):
+        split = acc.split_between_processes(list(range(len(shards))))
+    else:  # accelerate 1.15 on CPU can report one process under a multi-process launch: split by rank ourselves
+        split = contextlib.nullcontext(list(range(len(shards)))[rank::world])
+    with split as mine:
+        for i in tqdm(mine, desc="tokenize", disable=rank != 0):
             name = os.path.basename(shards[i])
             loader = make_loader(
                 [shards[i]],
@@ -74,8 +80,12 @@ def main(argv=None) -> int:
                     ]
             write_tar(os.path.join(args.out, name), members)
             written.append({"name": name, "samples": len(members) // 3})
-    counts = acc.gather_for_metrics(written, use_gather_object=True) if acc.num_processes > 1 else written
-    if acc.is_main_process:
+    counts = written
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, written)
+        counts = [row for part in gathered for row in part]
+    if rank == 0:
         index = {
             "kind": "tokens",
             "shards": sorted(counts, key=lambda r: r["name"]),
@@ -93,8 +103,19 @@ def main(argv=None) -> int:
             f"wrote {index['num_samples']} token sequences ({grid}x{grid} + {grid}x{grid}) in "
             f"{len(counts)} shards to {args.out}"
         )
-    acc.wait_for_everyone()
+    if world > 1:
+        torch.distributed.barrier()
     return 0
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size from the launcher's environment (process group joined if needed)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.mat)
+            nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+            t = self.mat.to(torch.device("cuda", torch.cuda.current_device())) if nccl else self.mat
+            torch.distributed.all_reduce(t)
+            self.mat = t.cpu()
 
     def iou(self) -> torch.Tensor:
         """(C,) float64 IoU per class; NaN for classes absent from both truth and prediction."""
