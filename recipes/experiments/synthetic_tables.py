@@ -58,14 +58,20 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
     root = os.path.join(args.out, f"seed{seed}")
     logs = os.path.join(root, "logs")
     os.makedirs(logs, exist_ok=True)
-    common = [f"--data.synthetic_default={data}", f"--run.seed={seed}", "--log.progress=false",
-              f"--data.synthetic_train_samples={args.train_samples}"]
+    common = [
+        f"--data.synthetic_default={data}",
+        f"--run.seed={seed}",
+        "--log.progress=false",
+        f"--data.synthetic_train_samples={args.train_samples}",
+    ]
     for m in STAGE1:
         out = os.path.join(root, m)
         if not os.path.exists(os.path.join(out, "export", "model.safetensors")):
             timings[f"seed{seed}/stage1/{m}"] = run(
-                recipe("train_svqgan.py") + ["--config", f"{m}_tiny", f"--optim.max_steps={args.stage1_steps}",
-                                             f"--run.out_dir={out}", *common], os.path.join(logs, f"{m}.log"))
+                recipe("train_svqgan.py")
+                + ["--config", f"{m}_tiny", f"--optim.max_steps={args.stage1_steps}", f"--run.out_dir={out}", *common],
+                os.path.join(logs, f"{m}.log"),
+            )
     for name, (image, semantic) in STAGE2.items():
         out = os.path.join(root, f"gpt_{image}")
         extra = [f"--stage1={os.path.join(root, image, 'export')}"]
@@ -73,33 +79,77 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
             extra.append(f"--stage1_semantic={os.path.join(root, semantic, 'export')}")
         if not os.path.exists(os.path.join(out, "export", "model.safetensors")):
             timings[f"seed{seed}/stage2/{name}"] = run(
-                recipe("train_transformer.py") + ["--config", "gpt_tiny", f"--optim.max_steps={args.stage2_steps}",
-                                                  f"--run.out_dir={out}", *extra, *common],
-                os.path.join(logs, f"gpt_{image}.log"))
+                recipe("train_transformer.py")
+                + [
+                    "--config",
+                    "gpt_tiny",
+                    f"--optim.max_steps={args.stage2_steps}",
+                    f"--run.out_dir={out}",
+                    *extra,
+                    *common,
+                ],
+                os.path.join(logs, f"gpt_{image}.log"),
+            )
     results: dict = {"stage1": {}, "stage2": {}}
-    evaluate = recipe("evaluate.py") + ["--segmenter", segmenter, "--max-samples", str(args.eval_samples),
-                                        "--cpu", "--batch-size", "32"]
+    evaluate = recipe("evaluate.py") + [
+        "--segmenter",
+        segmenter,
+        "--max-samples",
+        str(args.eval_samples),
+        "--cpu",
+        "--batch-size",
+        "32",
+    ]
     for m in sorted(set(TABLE2) | set(TABLE3)):
         out = os.path.join(root, "eval", m)
         timings[f"seed{seed}/eval/{m}"] = run(
             evaluate + ["--mode", "stage1", "--stage1", os.path.join(root, m, "export"), "--out", out, "--name", m],
-            os.path.join(logs, f"eval_{m}.log"))
+            os.path.join(logs, f"eval_{m}.log"),
+        )
         with open(os.path.join(out, "metrics.json")) as f:
             results["stage1"][m] = json.load(f)["metrics"]
     for name, (image, _) in STAGE2.items():
         out = os.path.join(root, "eval", f"gpt_{image}")
         timings[f"seed{seed}/eval/{name}"] = run(
-            evaluate + ["--mode", "stage2", "--gpt", os.path.join(root, f"gpt_{image}", "export"), "--out", out,
-                        "--name", name, "--seed", str(seed), "--top-k", str(args.top_k)],
-            os.path.join(logs, f"eval_{name}.log"))
+            evaluate
+            + [
+                "--mode",
+                "stage2",
+                "--gpt",
+                os.path.join(root, f"gpt_{image}", "export"),
+                "--out",
+                out,
+                "--name",
+                name,
+                "--seed",
+                str(seed),
+                "--top-k",
+                str(args.top_k),
+            ],
+            os.path.join(logs, f"eval_{name}.log"),
+        )
         with open(os.path.join(out, "metrics.json")) as f:
             results["stage2"][name] = json.load(f)["metrics"]
     if seed == args.seeds[0]:  # Figure 3: the same maps, three samples each, coupled vs separate
         for name, (image, _) in (("VQGAN-T", STAGE2["VQGAN-T"]), ("sVQGAN-T", STAGE2["sVQGAN-T"])):
-            run(recipe("sample.py") + ["--gpt", os.path.join(root, f"gpt_{image}", "export"), "--out",
-                                       os.path.join(args.out, "samples", name), "--num-maps", "6",
-                                       "--samples-per-map", "3", "--top-k", str(args.top_k), "--seed", "0"],
-                os.path.join(logs, f"sample_{name}.log"))
+            run(
+                recipe("sample.py")
+                + [
+                    "--gpt",
+                    os.path.join(root, f"gpt_{image}", "export"),
+                    "--out",
+                    os.path.join(args.out, "samples", name),
+                    "--num-maps",
+                    "6",
+                    "--samples-per-map",
+                    "3",
+                    "--top-k",
+                    str(args.top_k),
+                    "--seed",
+                    "0",
+                ],
+                os.path.join(logs, f"sample_{name}.log"),
+            )
     return results
 
 
@@ -122,7 +172,8 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
 
     n = len(per_seed)
     lines = [
-        "# Tables 1-3 on the synthetic benchmark", "",
+        "# Tables 1-3 on the synthetic benchmark",
+        "",
         f"Tiny models, 64x64 synthetic scenes (16 classes), seeds {args.seeds} ({n} seed(s); cells are mean ± std "
         "over seeds when there are several). Budgets: stage 1 "
         f"{args.stage1_steps} steps, stage 2 {args.stage2_steps} steps, batch 8, on {args.machine}. "
@@ -130,26 +181,56 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         "",
         "FSD is the Frechet distance in the feature space of a small segmenter trained on real synthetic images "
         "(not FID: no Inception weights here); seg. mIoU is that segmenter's mIoU on the generated images against "
-        "the map they were conditioned on (how well generations follow the semantics).", "",
-        "## Table 1: semantic image synthesis (generation)", "",
-        "| model | FSD ↓ | SSIM ↑ | seg. mIoU (%) ↑ | PSNR (dB) ↑ |", "|---|---|---|---|---|",
+        "the map they were conditioned on (how well generations follow the semantics).",
+        "",
+        "## Table 1: semantic image synthesis (generation)",
+        "",
+        "| model | FSD ↓ | SSIM ↑ | seg. mIoU (%) ↑ | PSNR (dB) ↑ |",
+        "|---|---|---|---|---|",
     ]
     for name in STAGE2:
-        lines.append(f"| {name} | {_cell(col('stage2', name, 'fsd'))} | {_cell(col('stage2', name, 'ssim'), 1, 4)} | "
-                     f"{_cell(col('stage2', name, 'segmenter_miou_generated'), 100, 2)} | "
-                     f"{_cell(col('stage2', name, 'psnr_db'), 1, 2)} |")
-    lines += ["", "## Table 2: image reconstruction", "", "| model | SSIM ↑ | PSNR (dB) ↑ | FSD ↓ |", "|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {_cell(col('stage2', name, 'fsd'))} | {_cell(col('stage2', name, 'ssim'), 1, 4)} | "
+            f"{_cell(col('stage2', name, 'segmenter_miou_generated'), 100, 2)} | "
+            f"{_cell(col('stage2', name, 'psnr_db'), 1, 2)} |"
+        )
+    lines += [
+        "",
+        "## Table 2: image reconstruction",
+        "",
+        "| model | SSIM ↑ | PSNR (dB) ↑ | FSD ↓ |",
+        "|---|---|---|---|",
+    ]
     for m in TABLE2:
-        lines.append(f"| {m} | {_cell(col('stage1', m, 'ssim'), 1, 4)} | {_cell(col('stage1', m, 'psnr_db'), 1, 2)} | "
-                     f"{_cell(col('stage1', m, 'fsd'))} |")
+        lines.append(
+            f"| {m} | {_cell(col('stage1', m, 'ssim'), 1, 4)} | {_cell(col('stage1', m, 'psnr_db'), 1, 2)} | "
+            f"{_cell(col('stage1', m, 'fsd'))} |"
+        )
     lines += ["", "## Table 3: semantic reconstruction", "", "| model | mIoU (%) ↑ | pixel acc. (%) |", "|---|---|---|"]
     for m in TABLE3:
-        lines.append(f"| {m} | {_cell(col('stage1', m, 'semantic_miou'), 100, 2)} | "
-                     f"{_cell(col('stage1', m, 'semantic_pixel_acc'), 100, 2)} |")
-    lines += ["", "## Samples (Figure 3 layout)", "", "Rows: semantic map | reference | three samples.", "",
-              "VQGAN-T (separate models):", "", "![VQGAN-T](samples/VQGAN-T/grid.png)", "",
-              "sVQGAN-T (coupled):", "", "![sVQGAN-T](samples/sVQGAN-T/grid.png)", "",
-              "## Wall-clock (s)", "", "| part | seconds |", "|---|---|"]
+        lines.append(
+            f"| {m} | {_cell(col('stage1', m, 'semantic_miou'), 100, 2)} | "
+            f"{_cell(col('stage1', m, 'semantic_pixel_acc'), 100, 2)} |"
+        )
+    lines += [
+        "",
+        "## Samples (Figure 3 layout)",
+        "",
+        "Rows: semantic map | reference | three samples.",
+        "",
+        "VQGAN-T (separate models):",
+        "",
+        "![VQGAN-T](samples/VQGAN-T/grid.png)",
+        "",
+        "sVQGAN-T (coupled):",
+        "",
+        "![sVQGAN-T](samples/sVQGAN-T/grid.png)",
+        "",
+        "## Wall-clock (s)",
+        "",
+        "| part | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     return "\n".join(lines) + "\n"
 
@@ -173,9 +254,11 @@ def main(argv=None) -> int:
     timings: dict = {}
     segmenter = os.path.join(args.out, "segmenter")
     if not os.path.exists(os.path.join(segmenter, "model.safetensors")):
-        timings["segmenter"] = run(recipe("train_segmenter.py") + ["--out", segmenter, "--data-root", data,
-                                                                   "--steps", str(args.segmenter_steps)],
-                                   os.path.join(args.out, "segmenter.log"))
+        timings["segmenter"] = run(
+            recipe("train_segmenter.py")
+            + ["--out", segmenter, "--data-root", data, "--steps", str(args.segmenter_steps)],
+            os.path.join(args.out, "segmenter.log"),
+        )
     per_seed = [train_seed(seed, args, data, segmenter, timings) for seed in args.seeds]
     total = time.perf_counter() - t0
     with open(os.path.join(args.out, "results.json"), "w") as f:

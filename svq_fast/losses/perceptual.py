@@ -54,7 +54,8 @@ class LPIPSLoss(nn.Module):
         if not os.path.exists(vgg_path):
             raise FileNotFoundError(
                 f"LPIPS VGG-16 backbone not found at {vgg_path!r}. Put torchvision's vgg16 ImageNet checkpoint "
-                "(vgg16-397923af.pth) there, or set loss.perceptual_weight=0.")
+                "(vgg16-397923af.pth) there, or set loss.perceptual_weight=0."
+            )
         self.model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         load_vgg_backbone(self.model, vgg_path)
         self.model.eval().requires_grad_(False)
@@ -74,6 +75,9 @@ def build_perceptual(weight: float, vgg_path: str) -> LPIPSLoss | None:
         warnings.warn(
             f"loss.perceptual_weight={weight} but the VGG-16 backbone file {vgg_path or '(loss.lpips_vgg_path unset)'} "
             "does not exist: the perceptual loss is DISABLED for this run. Point loss.lpips_vgg_path at "
-            "torchvision's vgg16-397923af.pth to enable it.", RuntimeWarning, stacklevel=2)
+            "torchvision's vgg16-397923af.pth to enable it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return LPIPSLoss(vgg_path)

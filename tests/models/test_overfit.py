@@ -18,8 +18,18 @@ def test_tiny_svq_memorises_one_batch():
     scenes = [render_scene(SyntheticSpec(size=32, seed=5), i) for i in range(2)]
     x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 127.5 - 1 for im, _ in scenes])
     s = torch.stack([torch.from_numpy(lb).long() for _, lb in scenes])
-    cfg = SVQModelConfig(kind="svq", image_size=32, num_classes=NUM_CLASSES, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                         attn_resolutions=(), norm_groups=8, z_channels=16, semantic_z_channels=16)
+    cfg = SVQModelConfig(
+        kind="svq",
+        image_size=32,
+        num_classes=NUM_CLASSES,
+        ch=16,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        norm_groups=8,
+        z_channels=16,
+        semantic_z_channels=16,
+    )
     # restarts off: memorising one batch needs a stable code assignment, not fresh codes every 100 steps
     qcfg = QuantizerConfig(image_codebook_size=512, semantic_codebook_size=512, backend="ref", restart_after=0)
     model = SVQModel(cfg, qcfg)
