@@ -46,11 +46,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from memory import cpu_alloc_peak_mib  # benchmarks/memory.py (the script folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -128,25 +128,6 @@ def _rss_mib() -> tuple[float, float]:
                 key, val = line.split(":")
                 vals[key] = int(val.split()[0]) / 1024
     return vals["VmRSS"], vals["VmHWM"]
-
-
-def _alloc_peak_mib(fn) -> float:
-    """Peak bytes held by torch's CPU allocator that were allocated while fn() ran (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    cur = peak = 0
-    mem = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
-    for ev in sorted(mem, key=lambda e: e["ts"]):
-        cur += ev["args"]["Bytes"]
-        peak = max(peak, cur)
-    return peak / 2**20
 
 
 def run_worker(args) -> dict:
@@ -228,7 +209,7 @@ def run_worker(args) -> dict:
             row["peak_mem_mib"] = round(hwm - rss0, 1)
             del res
             state = prepare()
-            row["alloc_peak_mib"] = round(_alloc_peak_mib(lambda: call(state)), 1)
+            row["alloc_peak_mib"] = round(cpu_alloc_peak_mib(lambda: call(state)), 1)
         del state
         return row
     n = max(1, min(args.reps, int(args.budget_s / max(first, 1e-6))))

@@ -42,11 +42,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from memory import cpu_alloc_peak_mib  # benchmarks/memory.py (the script folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -165,25 +165,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _peak_cpu_mib(fn) -> float:
-    """Peak bytes allocated (and not yet freed) by torch's CPU allocator while fn() runs."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    cur = peak = 0
-    mem = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
-    for ev in sorted(mem, key=lambda e: e["ts"]):
-        cur += ev["args"]["Bytes"]
-        peak = max(peak, cur)
-    return peak / 2**20
-
-
 def _measure(prepare, call, device, reps, budget_s):
     """state = prepare() untimed, then call(state) measured: one warm-up run measured for peak memory, then up
     to `reps` timed runs (fewer when over budget)."""
@@ -200,7 +181,7 @@ def _measure(prepare, call, device, reps, budget_s):
     else:
         state = prepare()
         t0 = time.perf_counter()
-        peak = _peak_cpu_mib(functools.partial(call, state))
+        peak = cpu_alloc_peak_mib(functools.partial(call, state))
         first = time.perf_counter() - t0
     state = None
     if reps == 0:
