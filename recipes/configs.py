@@ -107,11 +107,16 @@ def gpt_tiny() -> Stage2Config:
 #   semantic_vqvae:     the separately trained semantic VQVAE that conditions the VQ-T baselines
 #   svqvae / svqgan:    semantically coupled models, lambda = 0.1 (paper default); svqgan_l001 / svqgan_l1:
 #                       lambda = 0.01 / 1.0 (Tables 2-3)
+#   svqgan_mapdrop:     sVQGAN trained with image-modality dropout (p = 0.5) so that z_s can be encoded from the
+#                       semantic map alone (beyond the paper: sampling without a reference image)
 
 
-def _variant(base, name: str, *, kind: str, gan: bool, semantic_weight: float = 0.1) -> Stage1Config:
+def _variant(
+    base, name: str, *, kind: str, gan: bool, semantic_weight: float = 0.1, image_dropout: float = 0.0
+) -> Stage1Config:
     cfg = base()
     cfg.model.kind = kind
+    cfg.model.image_dropout = image_dropout
     cfg.loss.gan = gan and kind != "semantic"
     cfg.loss.semantic_weight = semantic_weight
     if not cfg.loss.gan:  # VQVAE: L2 reconstruction + codebook, no perceptual or adversarial term
@@ -128,6 +133,7 @@ _FAMILY = {
     "svqvae": dict(kind="svq", gan=False),
     "svqgan_l001": dict(kind="svq", gan=True, semantic_weight=0.01),
     "svqgan_l1": dict(kind="svq", gan=True, semantic_weight=1.0),
+    "svqgan_mapdrop": dict(kind="svq", gan=True, image_dropout=0.5),
 }
 
 

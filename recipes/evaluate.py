@@ -325,6 +325,10 @@ class Stage1Task:
         self.has_image, self.has_semantic = self.model.has_image, self.model.has_semantic
         self.shards = list_shards(args.shards) if args.shards else resolve_shards(cfg.data, "val", ranks.rank)
         self.semantic = ConfusionMatrix(m.num_classes, m.ignore_index)
+        # coupled models: the semantic map reconstructed from z_s encoded without the reference image
+        self.coupled = m.kind == "svq"
+        self.semantic_map_only = ConfusionMatrix(m.num_classes, m.ignore_index) if self.coupled else None
+        self.image_dropout = m.image_dropout
         q = cfg.quantizer
         self.usage_x = CodebookUsage(q.image_codebook_size) if self.has_image else None
         self.usage_s = CodebookUsage(q.semantic_codebook_size) if self.has_semantic else None
@@ -338,10 +342,15 @@ class Stage1Task:
         if self.has_semantic:
             self.semantic.update(out["s_logits"].argmax(1), s)
             self.usage_s.update(out["indices_s"])
+        if self.coupled:
+            z_s = self.model.quantizer_s.lookup(self.model.encode_semantic(s))
+            self.semantic_map_only.update(self.model.decode_semantic(z_s).argmax(1), s)
 
     def finish(self) -> dict:
         """Collective: the task's own global metrics."""
         all_reduce_confusion(self.semantic)
+        if self.coupled:
+            all_reduce_confusion(self.semantic_map_only)
         for u in (self.usage_x, self.usage_s):
             if u is not None:
                 u.all_reduce()
@@ -349,6 +358,9 @@ class Stage1Task:
         return {
             "semantic_miou": self.semantic.miou() if self.has_semantic else no_sem,
             "semantic_pixel_acc": self.semantic.pixel_accuracy() if self.has_semantic else no_sem,
+            # z_s from the map alone (image input = the learned fill, or zeros when trained without image dropout)
+            "semantic_miou_map_only": self.semantic_map_only.miou() if self.coupled else "n/a (not a coupled model)",
+            "image_dropout": self.image_dropout,
             "codebook": {
                 "image": self.usage_x.summary() if self.usage_x is not None else "n/a (no image codebook)",
                 "semantic": self.usage_s.summary() if self.usage_s is not None else "n/a (no semantic codebook)",
@@ -570,6 +582,12 @@ def markdown(res: dict) -> str:
     ]
     if res["mode"] == "stage1":
         other.append(("semantic pixel accuracy (%)", _fmt(m["semantic_pixel_acc"], 2, 100)))
+        other.append(
+            (
+                f"semantic mIoU from the map alone (%) (image dropout {m.get('image_dropout', 0)})",
+                _fmt(m.get("semantic_miou_map_only", "n/a"), 2, 100),
+            )
+        )
     for cb_name, cb in m["codebook"].items():
         if isinstance(cb, dict):
             other.append(

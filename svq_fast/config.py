@@ -39,6 +39,7 @@ class QuantizerConfig:
     ema: bool = False  # EMA codebook updates instead of the codebook loss (not under ZeRO-3)
     ema_decay: float = 0.99
     restart_after: int = 100  # re-seed codes unused for this many training steps (0 = off); keeps usage high
+    init_from_data: bool = True  # seed the codebook from the first training batch's latents (no early collapse)
     usage_window: int = 100  # steps over which codebook usage is reported
     deterministic: bool = True  # deterministic codebook-gradient scatter on GPU
 

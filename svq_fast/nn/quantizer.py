@@ -8,6 +8,7 @@ Options (all tested in tests/nn/test_quantizer.py):
 - ema=True: the codebook follows an exponential moving average of its assigned latents (decay, eps, Laplace
   smoothing) instead of the codebook loss; the codebook is then not a trained parameter.
 - restart_after=W: codes unused for W training forwards are re-seeded from the current batch's encoder outputs.
+- init_from_data=True: the first training forward seeds every code from that batch's encoder outputs.
 - usage statistics (usage_stats()): batch perplexity, perplexity and fraction of codes used over a sliding window.
 
 Default: dead-code restart on (restart_after=100), gradient-trained codebook (ema=False), straight-through.
@@ -91,6 +92,7 @@ class VectorQuantizer(nn.Module):
         restart_after: int = 100,
         usage_window: int = 100,
         deterministic: bool = True,
+        init_from_data: bool = True,
     ):
         super().__init__()
         if codebook_size < 1 or dim < 1:
@@ -111,6 +113,8 @@ class VectorQuantizer(nn.Module):
         self.code_dim = code_dim if code_dim is not None else dim
         self.ema, self.ema_decay, self.ema_eps = ema, ema_decay, ema_eps
         self.restart_after, self.usage_window, self.deterministic = restart_after, usage_window, deterministic
+        self.init_from_data = init_from_data
+        self._init_checked = False
 
         k, c = codebook_size, self.code_dim
         self.proj_in = nn.Linear(dim, c) if code_dim is not None else None
@@ -121,7 +125,7 @@ class VectorQuantizer(nn.Module):
             self.embedding.weight.requires_grad_(False)
             self.register_buffer("ema_cluster_size", torch.zeros(k))  # (K,) EMA of code counts
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())  # (K, C) EMA of sums
-        elif restart_after > 0:
+        elif restart_after > 0 or init_from_data:
             self.register_buffer("restart_offset", torch.zeros(k, c))  # (K, C) restarted code - trained weight
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))  # training forwards seen
         self.register_buffer("last_used", torch.full((k,), -1, dtype=torch.int64))  # step a code was last chosen
@@ -160,6 +164,14 @@ class VectorQuantizer(nn.Module):
         x = self.proj_in(flat) if self.proj_in is not None else flat  # (N, C)
         if self.cosine:
             x = F.normalize(x, dim=1)
+        if self.training and self.init_from_data and not self._init_checked:
+            self._init_checked = True  # one host sync per module, not per step
+            if int(self.step) == 0:  # a fresh codebook (a loaded or resumed one has seen steps)
+                # The random init sits far from the encoder's outputs, so a handful of codes would take every
+                # latent and the rest stay dead until the first restart window (measured on the tiny semantic
+                # VQVAE: perplexity 3 and mIoU 0.05 for its first 100 steps). Seed every code from this batch.
+                with torch.no_grad():
+                    self._reseed(torch.arange(self.codebook_size, device=x.device), x.detach())
         codebook = self.codebook()  # (K, C)
         if self.ema and not self.cosine:
             codebook = codebook.clone()  # the EMA update below writes the weight in place; autograd saved this
@@ -231,10 +243,14 @@ class VectorQuantizer(nn.Module):
         """Re-seed codes unused for restart_after steps from the rows of x (N, C); identical on every rank."""
         since = self.step - torch.maximum(self.last_used, self.last_reset)  # (K,) steps without use
         dead = torch.nonzero(since >= self.restart_after).flatten()  # same on all ranks (global counts)
-        n_dead = dead.numel()
-        if n_dead == 0:
+        if dead.numel() == 0:
             return
-        n = x.shape[0]
+        self._reseed(dead, x)
+        self.restarts.add_(dead.numel())
+
+    def _reseed(self, dead: torch.Tensor, x: torch.Tensor) -> None:
+        """Set codes `dead` (n_dead,) to random rows of x (N, C), rank 0's draw on every rank."""
+        n_dead, n = dead.numel(), x.shape[0]
         # every rank draws (keeps RNG streams aligned), rank 0's draw is broadcast
         if n_dead <= n:
             pick = torch.randperm(n, device=x.device)[:n_dead]
@@ -253,7 +269,6 @@ class VectorQuantizer(nn.Module):
             w = self.embedding.weight
             self.restart_offset[dead] = (new - w[dead].float()).to(self.restart_offset.dtype)
         self.last_reset[dead] = self.step
-        self.restarts.add_(n_dead)
 
     # -- logging ----------------------------------------------------------------------------------------
 

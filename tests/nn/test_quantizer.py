@@ -43,7 +43,7 @@ def test_backends_agree():
     outs = []
     for backend in ("ref", "native"):
         torch.manual_seed(0)
-        q = VectorQuantizer(100, 32, backend=backend)
+        q = VectorQuantizer(100, 32, backend=backend, init_from_data=False)
         z1 = z.clone().requires_grad_()
         z_q, loss, info = q(z1)
         (z_q.square().sum() + loss).backward()
@@ -82,8 +82,8 @@ def test_rotation_trick_value_and_gradient():
 
 def test_rotation_option_in_module():
     z = _latents()
-    q_ste = VectorQuantizer(64, 16, backend="ref", beta=0.0)
-    q_rot = VectorQuantizer(64, 16, backend="ref", beta=0.0, grad="rotation")
+    q_ste = VectorQuantizer(64, 16, backend="ref", beta=0.0, init_from_data=False)
+    q_rot = VectorQuantizer(64, 16, backend="ref", beta=0.0, grad="rotation", init_from_data=False)
     q_rot.load_state_dict(q_ste.state_dict())
     z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
     a, _, ia = q_ste(z1)
@@ -120,7 +120,7 @@ def test_low_dim_lookup(cosine):
 
 def test_ema_update_formula():
     k, d, decay, eps = 8, 4, 0.9, 1e-5
-    q = VectorQuantizer(k, d, ema=True, ema_decay=decay, ema_eps=eps, backend="ref", beta=0.25)
+    q = VectorQuantizer(k, d, ema=True, ema_decay=decay, ema_eps=eps, backend="ref", beta=0.25, init_from_data=False)
     assert not q.embedding.weight.requires_grad
     w0 = q.embedding.weight.detach().clone()
     z = _latents(b=1, d=d, h=4, w=4).requires_grad_()
@@ -141,7 +141,7 @@ def test_ema_update_formula():
 def test_ema_converges_to_cluster_means():
     torch.manual_seed(0)
     centers = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, 0.0], [0.0, -4.0]])
-    q = VectorQuantizer(4, 2, ema=True, ema_decay=0.8, backend="ref")
+    q = VectorQuantizer(4, 2, ema=True, ema_decay=0.8, backend="ref", init_from_data=False)
     with torch.no_grad():
         q.embedding.weight.copy_(centers * 0.5)
     for _ in range(60):
@@ -154,7 +154,7 @@ def test_ema_converges_to_cluster_means():
 def test_dead_code_restart(ema):
     torch.manual_seed(0)
     k, d = 16, 4
-    q = VectorQuantizer(k, d, restart_after=3, ema=ema, backend="ref")
+    q = VectorQuantizer(k, d, restart_after=3, ema=ema, backend="ref", init_from_data=False)
     with torch.no_grad():
         q.embedding.weight.zero_()
         q.embedding.weight[0] = 10.0  # code 0 far away; codes 1.. all at the origin: only code 1 is ever chosen
@@ -191,9 +191,9 @@ def test_dead_code_restart(ema):
 
 
 def test_defaults_restart_dead_codes():
-    q = VectorQuantizer(8, 4)
+    q = VectorQuantizer(8, 4, init_from_data=False)
     assert (q.restart_after, q.ema, q.grad, q.cosine, q.code_dim, q.beta) == (100, False, "ste", False, 4, 0.25)
-    q_off = VectorQuantizer(8, 4, restart_after=0)
+    q_off = VectorQuantizer(8, 4, restart_after=0, init_from_data=False)
     assert "restart_offset" not in dict(q_off.named_buffers())
     z = _latents(b=1, d=4, h=2, w=2)
     for _ in range(100):
@@ -230,6 +230,36 @@ def test_usage_stats_window():
     q(near([5, 6, 7, 4]))
     assert q.usage_stats() == s
     assert all(isinstance(v, float) for v in s.values())
+
+
+def test_first_training_forward_seeds_codebook_from_data():
+    z = _latents(d=4)  # N = 70 latents
+    q = VectorQuantizer(16, 4, restart_after=0, backend="ref")
+    z_q, _, info = q(z)
+    rows = _flat(z)
+    codes = q.codebook().detach()
+    # every code is one of this batch's latents, distinct ones, and this very forward already used them
+    assert ((codes[:, None] - rows[None]).norm(dim=-1).min(1).values < 1e-6).all() and len(torch.unique(codes, dim=0)) == 16
+    assert torch.equal(q.lookup(info["indices"]), z_q.detach())
+    assert q.usage_stats()["restarts"] == 0  # seeding is not a restart
+    # more codes than latents: duplicates are split by noise, every code stays close to a latent
+    big = VectorQuantizer(100, 4, restart_after=0, backend="ref")
+    big(z)
+    dist_to_data = (big.codebook().detach()[:, None] - rows[None]).norm(dim=-1).min(1).values
+    assert len(torch.unique(big.codebook().detach(), dim=0)) == 100 and dist_to_data.max() < 0.1
+    # evaluation forwards, and modules restored from a trained state, never reseed
+    fresh = VectorQuantizer(16, 4, restart_after=0, backend="ref").eval()
+    before = fresh.codebook().detach().clone()
+    fresh(z)
+    assert torch.equal(fresh.codebook(), before)
+    restored = VectorQuantizer(16, 4, restart_after=0, backend="ref")
+    restored.load_state_dict(q.state_dict())
+    restored(_latents(d=4, seed=3))
+    torch.testing.assert_close(restored.codebook().detach(), codes)
+    off = VectorQuantizer(16, 4, restart_after=0, init_from_data=False, backend="ref")
+    before = off.codebook().detach().clone()
+    off(z)
+    assert torch.equal(off.codebook().detach(), before) and "restart_offset" not in dict(off.named_buffers())
 
 
 def test_state_dict_roundtrip_and_fp32_statistics():

@@ -95,7 +95,7 @@ def _run(assets, out, *extra):
 
 
 def _direct_stage1(assets, n, batch_size):
-    """Semantic mIoU and mean SSIM of the first n samples in shard order, computed without the recipe, in the same
+    """Semantic mIoU (with and without the reference image) and mean SSIM of the first n samples in shard order, computed without the recipe, in the same
     batches (float32 convolutions, and so the 8-bit rounding of x_hat, depend slightly on the batch size)."""
     model, cfg = load_stage1(assets["stage1"])
     loader = make_loader(
@@ -108,17 +108,20 @@ def _direct_stage1(assets, n, batch_size):
         crop="center",
     )
     cm = ConfusionMatrix(cfg.model.num_classes, cfg.model.ignore_index)
+    cm_map_only = ConfusionMatrix(cfg.model.num_classes, cfg.model.ignore_index)
     ssims = []
     for batch in loader:
         keep = slice(0, n - len(ssims))  # samples past the first n do not count (and are not run, as in the recipe)
         x, s = batch["image"][keep], batch["label"][keep]
         with torch.no_grad():
             out = model(x, s)
+            z_s = model.quantizer_s.lookup(model.encode_semantic(s))
+            cm_map_only.update(model.decode_semantic(z_s).argmax(1), s)
         cm.update(out["s_logits"].argmax(1), s)
         ssims += ssim(quantize_uint8(out["x_hat"]), x).tolist()
         if len(ssims) >= n:
             break
-    return cm.miou(), sum(ssims) / n
+    return cm.miou(), cm_map_only.miou(), sum(ssims) / n
 
 
 @pytest.mark.filterwarnings("ignore:.*not pytorch-fid.*:RuntimeWarning")
@@ -152,6 +155,7 @@ def test_stage1_with_all_networks(assets):
         "fsd",
         "semantic_miou",
         "semantic_pixel_acc",
+        "semantic_miou_map_only",
         "segmenter_miou_recon",
         "segmenter_miou_real",
     ):
@@ -159,8 +163,9 @@ def test_stage1_with_all_networks(assets):
     assert m["fid"] > 0 and m["fsd"] > 0 and m["lpips"] > 0 and -1 <= m["ssim"] <= 1
     assert m["fid_samples"] == {"fake": 4, "real": 4, "real_cached": False}
     # the recipe scored exactly the first 4 samples (the second batch of 3 is cut after 1)
-    miou, mean_ssim = _direct_stage1(assets, 4, batch_size=3)
+    miou, miou_map_only, mean_ssim = _direct_stage1(assets, 4, batch_size=3)
     assert m["semantic_miou"] == pytest.approx(miou, rel=1e-9)
+    assert m["semantic_miou_map_only"] == pytest.approx(miou_map_only, rel=1e-9)
     assert m["ssim"] == pytest.approx(mean_ssim, rel=1e-9)
     cb = m["codebook"]
     assert cb["image"]["codebook_size"] == 1024 and cb["image"]["tokens"] == 4 * 16 * 16

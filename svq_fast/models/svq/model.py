@@ -55,6 +55,7 @@ class SVQModel(nn.Module):
             restart_after=qcfg.restart_after,
             usage_window=qcfg.usage_window,
             deterministic=qcfg.deterministic,
+            init_from_data=qcfg.init_from_data,
         )
         if self.has_image:
             self.quant_x = nn.Conv2d(zx, zx, 1)
