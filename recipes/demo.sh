@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job, tiny, on CPU: shards -> stage 1 (2 ranks) -> stage 2 (2 ranks) -> samples -> report.
+# The main job, tiny, on CPU: shards -> stage 1 (2 ranks) -> stage 2 (2 ranks) -> samples -> segmenter ->
+# evaluation -> report (a short version of the synthetic Tables 1-3 for this run's models).
 # Called by `make demo` with .venv/bin first on PATH. Outputs go to $DEMO_DIR (default runs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +8,8 @@ DEMO_DIR=${DEMO_DIR:-runs/demo}
 NPROC=${NPROC:-2}
 STAGE1_STEPS=${STAGE1_STEPS:-300}
 STAGE2_STEPS=${STAGE2_STEPS:-300}
+SEGMENTER_STEPS=${SEGMENTER_STEPS:-300}
+EVAL_SAMPLES=${EVAL_SAMPLES:-128}
 DATA=${DEMO_DATA:-$DEMO_DIR/data}
 mkdir -p "$DEMO_DIR"
 timings="$DEMO_DIR/timings.json"
@@ -16,15 +19,16 @@ start=$SECONDS
 python -m svq_fast.data.make_shards --dataset synthetic --split train --size 64 --num-samples 4000 --out "$DATA/64px/train"
 python -m svq_fast.data.make_shards --dataset synthetic --split val --size 64 --num-samples 256 --out "$DATA/64px/val"
 T[shards]=$((SECONDS - start))
+shards=(--data.train_shards="$DATA/64px/train" --data.val_shards="$DATA/64px/val")
 
 start=$SECONDS
 deepspeed --num_gpus "$NPROC" recipes/train_svqgan.py --config svqgan_tiny \
-  --data.synthetic_default="$DATA" --optim.max_steps="$STAGE1_STEPS" --run.out_dir="$DEMO_DIR/stage1" --log.image_every=100
+  "${shards[@]}" --optim.max_steps="$STAGE1_STEPS" --run.out_dir="$DEMO_DIR/stage1" --log.image_every=100
 T[stage1]=$((SECONDS - start))
 
 start=$SECONDS
 deepspeed --num_gpus "$NPROC" recipes/train_transformer.py --config gpt_tiny \
-  --data.synthetic_default="$DATA" --optim.max_steps="$STAGE2_STEPS" --run.out_dir="$DEMO_DIR/stage2" \
+  "${shards[@]}" --optim.max_steps="$STAGE2_STEPS" --run.out_dir="$DEMO_DIR/stage2" \
   --stage1="$DEMO_DIR/stage1/export"
 T[stage2]=$((SECONDS - start))
 
@@ -33,8 +37,20 @@ python recipes/sample.py --gpt "$DEMO_DIR/stage2/export" --out "$DEMO_DIR/sample
   --top-k 100
 T[sample]=$((SECONDS - start))
 
+# the synthetic experiment's measurements for this run's models: a small segmenter trained on real scenes scores
+# how well generations follow their maps (recipes/experiments/synthetic_tables.py does this for the whole family)
+start=$SECONDS
+python recipes/train_segmenter.py --out "$DEMO_DIR/segmenter" --train-shards "$DATA/64px/train" \
+  --val-shards "$DATA/64px/val" --steps "$SEGMENTER_STEPS"
+T[segmenter]=$((SECONDS - start))
+start=$SECONDS
+evaluate=(python recipes/evaluate.py --segmenter "$DEMO_DIR/segmenter" --max-samples "$EVAL_SAMPLES" --cpu --stats-cache none)
+"${evaluate[@]}" --mode stage1 --stage1 "$DEMO_DIR/stage1/export" --out "$DEMO_DIR/eval/stage1" --name sVQGAN
+"${evaluate[@]}" --mode stage2 --gpt "$DEMO_DIR/stage2/export" --out "$DEMO_DIR/eval/stage2" --name sVQGAN-T --top-k 100
+T[evaluate]=$((SECONDS - start))
+
 printf '{' > "$timings"; sep=""
-for k in shards stage1 stage2 sample; do printf '%s"%s": %s' "$sep" "$k" "${T[$k]}" >> "$timings"; sep=", "; done
+for k in shards stage1 stage2 sample segmenter evaluate; do printf '%s"%s": %s' "$sep" "$k" "${T[$k]}" >> "$timings"; sep=", "; done
 printf '}\n' >> "$timings"
 python recipes/demo_report.py --run-dir "$DEMO_DIR" --timings "$timings"
 echo "demo done: $DEMO_DIR/report.md, $DEMO_DIR/samples/grid.png, TensorBoard: tensorboard --logdir $DEMO_DIR"

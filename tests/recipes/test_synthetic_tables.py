@@ -1,0 +1,45 @@
+"""The experiment's report: tables in the paper's layout, mean ± std over seeds, n/a where a metric is absent."""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "experiments"))
+import synthetic_tables as st  # noqa: E402
+
+
+def _seed_results(offset: float) -> dict:
+    stage1 = {
+        m: {"ssim": 0.5 + offset, "psnr_db": 20.0 + offset, "fsd": 3.0, "semantic_miou": 0.6 + offset}
+        for m in st.STAGE1
+    }
+    stage1["svqgan_mapdrop"]["semantic_miou_map_only"] = 0.4 + offset
+    stage1["semantic_vqvae"]["semantic_miou_map_only"] = "n/a (not a coupled model)"  # strings never enter a mean
+    stage2 = {
+        name: {"fsd": 2.0 + offset, "ssim": 0.3, "segmenter_miou_generated": 0.25, "psnr_db": 12.0}
+        for name in st.STAGE2
+    }
+    return {"stage1": stage1, "stage2": stage2}
+
+
+def test_report_tables_mean_and_spread():
+    args = argparse.Namespace(seeds=[0, 1], stage1_steps=400, stage2_steps=400, machine="m", eval_samples=256)
+    text = st.report([_seed_results(0.0), _seed_results(0.1)], args, {"segmenter": 12.0}, 600.0)
+    spread = statistics.stdev([0.6, 0.7]) * 100
+    assert "## Table 1" in text and "## Table 2" in text and "## Table 3" in text
+    for name in st.STAGE2:
+        assert f"| {name} | 2.050 ± 0.071 | 0.3000 ± 0.0000 | 25.00 ± 0.00 |" in text
+    assert f"| svqgan | 65.00 ± {spread:.2f} |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| svqgan_mapdrop |"))
+    assert row.endswith(f"| 45.00 ± {spread:.2f} |")  # map-only mIoU column
+    table3 = text.split("## Table 3")[1].splitlines()
+    assert next(line for line in table3 if line.startswith("| semantic_vqvae |")).endswith("| n/a |")
+    assert "Total wall-clock 10.0 min" in text and "| segmenter | 12 |" in text
+
+
+def test_single_seed_cells_have_no_spread():
+    args = argparse.Namespace(seeds=[0], stage1_steps=4, stage2_steps=4, machine="m", eval_samples=8)
+    text = st.report([_seed_results(0.0)], args, {}, 60.0)
+    tables = text.split("## Table 1")[1].split("## Samples")[0]
+    assert "| vqvae | 0.5000 | 20.00 | 3.000 |" in tables and "±" not in tables
