@@ -5,8 +5,9 @@ plus the cost of TensorBoard logging (logging every step on vs. off).
     python benchmarks/bench_train.py --device cuda --paper --seconds 60 --precision bf16   # GPU suite
 
 Each measurement is one in-process training run (single rank, DeepSpeed engine) on the built-in synthetic data;
-the first `--warmup` steps are excluded. Rows go to --out as JSON: {recipe, variant, steps_per_s, samples_per_s,
-mfu, peak_mem_mib, device}.
+the first `--warmup` steps are excluded. With --repeats N the variants run interleaved N times and the summary takes
+medians. TensorBoard's cost is shown two ways: throughput with logging on vs off, and the share of step time the
+run itself measured inside the writer calls (time/tensorboard_fraction). --out gets JSON {runs, summary}.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -80,9 +82,37 @@ def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | 
         "steps_per_s": sps / args.micro_batch,
         "mfu": sum(h.get("throughput/mfu", float("nan")) for h in hist) / len(hist),
         "peak_mem_mib": max(h["memory/peak_mib"] for h in hist),
+        # measured inside the run: share of step time spent writing TensorBoard events (0 when it is off)
+        "tensorboard_fraction": sum(h.get("time/tensorboard_fraction", 0.0) for h in hist) / len(hist),
         "wall_s": wall,
         "export": os.path.join(out_dir, "export"),
     }
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (recipe, variant): median samples/s over the repeats (min and max kept), its ratio to the
+    recipe's fused median, and the medians of MFU and of the in-run TensorBoard fraction."""
+    out = []
+    for key in dict.fromkeys((r["recipe"], r["variant"]) for r in rows):
+        runs = [r for r in rows if (r["recipe"], r["variant"]) == key]
+        sps = [r["samples_per_s"] for r in runs]
+        out.append(
+            {
+                "recipe": key[0],
+                "variant": key[1],
+                "repeats": len(runs),
+                "samples_per_s": statistics.median(sps),
+                "samples_per_s_min": min(sps),
+                "samples_per_s_max": max(sps),
+                "mfu": statistics.median(r["mfu"] for r in runs),
+                "tensorboard_fraction": statistics.median(r["tensorboard_fraction"] for r in runs),
+                "peak_mem_mib": max(r["peak_mem_mib"] for r in runs),
+            }
+        )
+    for row in out:
+        base = next((r for r in out if r["recipe"] == row["recipe"] and r["variant"] == "fused"), row)
+        row["vs_fused"] = row["samples_per_s"] / base["samples_per_s"]
+    return out
 
 
 def main(argv=None) -> int:
@@ -97,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=400, help="synthetic train samples to generate")
     p.add_argument("--recipes", default="stage1,stage2")
     p.add_argument("--variants", default="fused,ref,no_tensorboard")
+    p.add_argument("--repeats", type=int, default=1, help="runs per variant, interleaved; medians are reported")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if args.device == "cpu":
@@ -106,37 +137,45 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         stage1_export = None
         for recipe in args.recipes.split(","):
-            for variant in args.variants.split(","):
-                row = measure(recipe, variant, args, work, stage1_export)
-                rows.append(row)
-                if recipe == "stage1" and variant == "fused":
-                    stage1_export = row["export"]
-                print(
-                    f"{recipe:7s} {variant:15s} {row['samples_per_s']:9.2f} samples/s  mfu {row['mfu']:.3f}  "
-                    f"peak {row['peak_mem_mib']:.0f} MiB",
-                    flush=True,
-                )
+            # variants interleaved, repeat by repeat, so a slow drift of the machine hits all of them alike
+            for repeat in range(args.repeats):
+                for variant in args.variants.split(","):
+                    row = measure(recipe, variant, args, work, stage1_export)
+                    row["repeat"] = repeat
+                    rows.append(row)
+                    if recipe == "stage1" and variant == "fused" and stage1_export is None:
+                        stage1_export = row["export"]
+                    print(
+                        f"{recipe:7s} {variant:15s} #{repeat} {row['samples_per_s']:9.2f} samples/s  "
+                        f"mfu {row['mfu']:.3f}  peak {row['peak_mem_mib']:.0f} MiB",
+                        flush=True,
+                    )
             if recipe == "stage1" and stage1_export is None and "stage2" in args.recipes:
                 raise SystemExit("stage2 needs the stage1 'fused' variant first (it exports the tokenizer)")
 
-    print(f"\n{'recipe':8s}{'variant':16s}{'samples/s':>10s}{'vs fused':>10s}{'MFU':>8s}{'peak MiB':>10s}")
-    for row in rows:
-        base = next(r for r in rows if r["recipe"] == row["recipe"] and r["variant"] == "fused")
-        ratio = row["samples_per_s"] / base["samples_per_s"]
+    summary = summarize(rows)
+    cols = (("recipe", 8), ("variant", 16), ("samples/s", 10), ("min-max", 16), ("vs fused", 10), ("MFU", 8))
+    head = "".join(f"{n:<{w}s}" if i < 2 else f"{n:>{w}s}" for i, (n, w) in enumerate(cols)) + f"{'peak MiB':>10s}"
+    print("\n" + head)
+    for row in summary:
         print(
-            f"{row['recipe']:8s}{row['variant']:16s}{row['samples_per_s']:10.2f}{ratio:10.3f}{row['mfu']:8.3f}"
-            f"{row['peak_mem_mib']:10.0f}"
+            f"{row['recipe']:8s}{row['variant']:16s}{row['samples_per_s']:10.2f}"
+            f"{row['samples_per_s_min']:8.2f}-{row['samples_per_s_max']:<7.2f}{row['vs_fused']:10.3f}"
+            f"{row['mfu']:8.3f}{row['peak_mem_mib']:10.0f}"
         )
-    for recipe in {r["recipe"] for r in rows}:
-        by = {r["variant"]: r for r in rows if r["recipe"] == recipe}
+    for recipe in dict.fromkeys(r["recipe"] for r in summary):
+        by = {r["variant"]: r for r in summary if r["recipe"] == recipe}
         if "ref" in by and "fused" in by:
             print(f"{recipe}: fused is {by['fused']['samples_per_s'] / by['ref']['samples_per_s']:.2f}x backend=ref")
         if "no_tensorboard" in by and "fused" in by:
             overhead = 1 - by["fused"]["samples_per_s"] / by["no_tensorboard"]["samples_per_s"]
-            print(f"{recipe}: TensorBoard logging every step costs {100 * overhead:.1f}% of throughput")
+            print(
+                f"{recipe}: TensorBoard logging every step: {100 * overhead:.1f}% of throughput (medians, logging on "
+                f"vs off); {100 * by['fused']['tensorboard_fraction']:.2f}% of step time inside the writer calls"
+            )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"runs": rows, "summary": summary}, f, indent=1)
     return 0
 
 

@@ -38,10 +38,10 @@ def main(folder: str) -> int:
                 + " | "
                 + " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in vals)
             )
-    rows = _load(folder, "bench_train.json")
-    if rows:
+    train = _load(folder, "bench_train.json")
+    if train:
         print("bench_train.json:")
-        for r in rows:
+        for r in train["summary"] if isinstance(train, dict) else train:  # medians over repeats (older files: runs)
             print(
                 f"  {r['recipe']:7s} {r['variant']:15s} {r['samples_per_s']:9.2f} samples/s  MFU {r['mfu']:.3f}  "
                 f"peak {r['peak_mem_mib']:.0f} MiB"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from tqdm import tqdm
@@ -22,6 +23,7 @@ class RunLogger:
     ):
         self.rank = rank
         self.writer = None
+        self.write_seconds = 0.0  # time spent in TensorBoard writer calls (the cost of logging, on rank 0)
         if rank == 0 and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -32,13 +34,17 @@ class RunLogger:
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
+            t0 = time.perf_counter()
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+            self.write_seconds += time.perf_counter() - t0
 
     def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
         """grid (3, H, W) float in [0, 1]."""
         if self.writer is not None:
+            t0 = time.perf_counter()
             self.writer.add_image(tag, grid.clamp(0, 1), step)
+            self.write_seconds += time.perf_counter() - t0
 
     def advance(self, postfix: dict[str, float] | None = None) -> None:
         self.bar.update(1)

@@ -97,6 +97,7 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
     window: dict[str, float] = {}
     n_window, skipped_in_row, skipped_total = 0, 0, 0
     t_start = t_window = time.perf_counter()
+    write_seen = 0.0
     data_time = 0.0
     step = start
     stop_reason = "max_steps"
@@ -168,14 +169,19 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
                 scale = _loss_scale(stage)
                 if scale is not None:
                     perf["loss_scale"] = scale
+                # the previous window's TensorBoard writes as a share of this window (0 with tensorboard off)
+                perf["time/tensorboard_fraction"] = (log.write_seconds - write_seen) / elapsed
+                write_seen = log.write_seconds
                 scalars.update(perf)
                 scalars.update({"lr": stage.lr(), "guard/skipped_microbatches": float(skipped_total)})
                 log.scalars(step, scalars)
                 history.append(
                     {"step": step, **means, **{k: v for k, v in scalars.items() if not k.startswith("loss/")}}
                 )
-                if stage.on_log is not None and rank == 0:
+                if stage.on_log is not None and log.writer is not None:  # image grids: only for TensorBoard
+                    before, t0 = log.write_seconds, time.perf_counter()
                     stage.on_log(step, log)
+                    log.write_seconds = before + time.perf_counter() - t0  # building the grid counts too
                 window, n_window, t_window, data_time = {}, 0, time.perf_counter(), 0.0
             if last:
                 if stop:
@@ -200,7 +206,14 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
         )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return {"run_dir": run_dir, "history": history, "step": step, "stop_reason": stop_reason}
+    return {
+        "run_dir": run_dir,
+        "history": history,
+        "step": step,
+        "stop_reason": stop_reason,
+        "train_seconds": time.perf_counter() - t_start,
+        "tensorboard_seconds": log.write_seconds,  # rank 0's time in TensorBoard writer calls (0 elsewhere)
+    }
 
 
 def _grad_norm(stage: Stage) -> float | None:

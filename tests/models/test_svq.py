@@ -113,5 +113,8 @@ def test_every_family_config_builds_and_runs():
         assert grid == 16, name  # the paper's 16x16 latents at 64x64
         assert (cfg.loss.gan and cfg.model.kind != "semantic") == (name.startswith(("vqgan", "svqgan")))
     assert CONFIGS["svqgan_l001_tiny"]().loss.semantic_weight == 0.01
-    assert CONFIGS["svqgan_mapdrop_tiny"]().model.image_dropout == 0.5 and CONFIGS["svqgan_tiny"]().model.image_dropout == 0
+    assert (
+        CONFIGS["svqgan_mapdrop_tiny"]().model.image_dropout == 0.5
+        and CONFIGS["svqgan_tiny"]().model.image_dropout == 0
+    )
     assert CONFIGS["svqgan_l1_f16_256"]().model.image_size == 256

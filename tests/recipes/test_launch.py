@@ -88,6 +88,7 @@ def test_stage1_two_ranks_trains_and_exports(stage1_run):
         "throughput/data_wait_fraction",
         "time/forward_fraction",
         "time/backward_fraction",
+        "time/tensorboard_fraction",
         "memory/peak_mib",
         "grad_norm",
         "lr",
@@ -96,6 +97,8 @@ def test_stage1_two_ranks_trains_and_exports(stage1_run):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("throughput/mfu")] == [4, 8, 12, 16]
     assert all(0 < e.value < 1 for e in acc.Scalars("throughput/mfu"))
+    tb_share = [e.value for e in acc.Scalars("time/tensorboard_fraction")]
+    assert tb_share[0] == 0 and all(0 < v < 1 for v in tb_share[1:])  # each window reports the writes before it
     assert "reconstructions" in acc.Tags()["images"]
     assert list((run / "profile").glob("*.pt.trace.json"))
     assert (run / "checkpoints" / "step00000016" / "COMPLETE").exists()

@@ -72,6 +72,19 @@ def test_runs_to_max_steps_and_exports(tmp_path):
     assert (tmp_path / "checkpoints" / "step00000006" / COMPLETE).exists()
 
 
+def test_tensorboard_time_is_measured_and_zero_when_off(tmp_path):
+    stage, _ = make_stage([1.0] * 6)
+    off = loop.run(make_cfg(tmp_path / "off"), stage, rank=0, world=1, dev=torch.device("cpu"), run_dir=str(tmp_path))
+    assert off["tensorboard_seconds"] == 0 and all(h["time/tensorboard_fraction"] == 0 for h in off["history"])
+    cfg = make_cfg(tmp_path / "on")
+    cfg.log.tensorboard = True
+    stage, _ = make_stage([1.0] * 6)
+    on = loop.run(cfg, stage, rank=0, world=1, dev=torch.device("cpu"), run_dir=str(tmp_path / "on"))
+    fractions = [h["time/tensorboard_fraction"] for h in on["history"]]
+    assert 0 < on["tensorboard_seconds"] < on["train_seconds"]
+    assert fractions[0] == 0 and all(f > 0 for f in fractions[1:])  # a window reports the writes before it
+
+
 def test_nonfinite_micro_batches_are_skipped_then_replaced(tmp_path):
     nan = float("nan")
     stage, engine = make_stage([1.0, nan, nan, 2.0, 3.0, 4.0, 5.0, 6.0])
