@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -207,13 +208,7 @@ def environment(device: str) -> dict:
         except Exception:  # noqa: BLE001 - informational only
             env["driver"] = None
     else:
-        cpu = platform.processor() or "cpu"
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        env["device"] = f"{cpu} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+        env["device"] = f"{cpu_name()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
         env["loadavg_1m_at_start"] = round(os.getloadavg()[0], 2)  # other work on the box skews CPU timings
     return env
 

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,13 +37,7 @@ from svq_fast.data.synthetic import NUM_CLASSES, SyntheticSpec, render_scene  # 
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def fake_ade(root: str, n: int) -> None:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -102,13 +103,7 @@ def machine(args) -> dict:
         except ImportError:
             info["triton"] = "not installed"
     else:
-        name = platform.processor() or "cpu"
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        info["device"] = f"{name} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+        info["device"] = f"{cpu_name()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
     return info
 
 

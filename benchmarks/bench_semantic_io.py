@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ import time
 from pathlib import Path
 
 import torch
+from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 from memory import cpu_alloc_peak_mib  # benchmarks/memory.py (the script folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -227,13 +227,7 @@ def run_worker(args) -> dict:
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} logical cores, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__}"
 
 
 def table(rows: list[dict]) -> list[str]:

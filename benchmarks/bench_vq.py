@@ -38,7 +38,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 from memory import cpu_alloc_peak_mib  # benchmarks/memory.py (the script folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -302,13 +302,7 @@ def run_interleaved(args) -> list[dict]:
 def _machine(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def table_lines(rows: list[dict]) -> list[str]:
