@@ -13,6 +13,7 @@ the segmenter's mIoU on generated images), reconstruction (Table 2: SSIM / PSNR)
 (Table 3: mIoU). A small segmenter (recipes/train_segmenter.py) trained on real synthetic images supplies FSD and
 the generated-image mIoU; FID/LPIPS need pretrained weights that this benchmark does not assume.
 Writes <out>/report.md with mean and spread over seeds and side-by-side sample grids (as the paper's Figure 3).
+Trainings, evaluations and grids already on disk are reused, so adding a seed later only runs that seed.
 Every training is a single-process DeepSpeed run (no launcher), so the whole experiment runs on one CPU machine.
 """
 
@@ -103,14 +104,19 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
     ]
     for m in sorted(set(TABLE2) | set(TABLE3)):
         out = os.path.join(root, "eval", m)
-        timings[f"seed{seed}/eval/{m}"] = run(
-            evaluate + ["--mode", "stage1", "--stage1", os.path.join(root, m, "export"), "--out", out, "--name", m],
-            os.path.join(logs, f"eval_{m}.log"),
-        )
+        if not os.path.exists(os.path.join(out, "metrics.json")):
+            timings[f"seed{seed}/eval/{m}"] = run(
+                evaluate + ["--mode", "stage1", "--stage1", os.path.join(root, m, "export"), "--out", out, "--name", m],
+                os.path.join(logs, f"eval_{m}.log"),
+            )
         with open(os.path.join(out, "metrics.json")) as f:
             results["stage1"][m] = json.load(f)["metrics"]
     for name, (image, _) in STAGE2.items():
         out = os.path.join(root, "eval", f"gpt_{image}")
+        if os.path.exists(os.path.join(out, "metrics.json")):
+            with open(os.path.join(out, "metrics.json")) as f:
+                results["stage2"][name] = json.load(f)["metrics"]
+            continue
         timings[f"seed{seed}/eval/{name}"] = run(
             evaluate
             + [
@@ -133,6 +139,8 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
             results["stage2"][name] = json.load(f)["metrics"]
     if seed == args.seeds[0]:  # Figure 3: the same maps, three samples each, coupled vs separate
         for name, (image, _) in (("VQGAN-T", STAGE2["VQGAN-T"]), ("sVQGAN-T", STAGE2["sVQGAN-T"])):
+            if os.path.exists(os.path.join(args.out, "samples", name, "grid.png")):
+                continue
             run(
                 recipe("sample.py")
                 + [
@@ -168,6 +176,8 @@ def _cell(values: list, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
+    seeds = {f"seed{s}" for s in args.seeds}
+
     def col(stage, model, key):
         return [r[stage][model].get(key) for r in per_seed]
 
@@ -178,7 +188,8 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         f"Tiny models, 64x64 synthetic scenes (16 classes), seeds {args.seeds} ({n} seed(s); cells are mean ± std "
         "over seeds when there are several). Budgets: stage 1 "
         f"{args.stage1_steps} steps, stage 2 {args.stage2_steps} steps, batch 8, on {args.machine}. "
-        f"Evaluated on the first {args.eval_samples} held-out val scenes. Total wall-clock {total_s / 60:.1f} min.",
+        f"Evaluated on the first {args.eval_samples} held-out val scenes. "
+        f"Wall-clock of all parts: {total_s / 60:.1f} min.",
         "",
         "FSD is the Frechet distance in the feature space of a small segmenter trained on real synthetic images "
         "(not FID: no Inception weights here); seg. mIoU is that segmenter's mIoU on the generated images against "
@@ -242,7 +253,7 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         "| part | seconds |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items() if k == "segmenter" or k.split("/")[0] in seeds]
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +274,10 @@ def main(argv=None) -> int:
     data = os.path.join(args.out, "data")
     t0 = time.perf_counter()
     timings: dict = {}
+    previous = os.path.join(args.out, "results.json")
+    if os.path.exists(previous):  # parts reused from an earlier invocation keep their measured times
+        with open(previous) as f:
+            timings = json.load(f).get("timings", {})
     segmenter = os.path.join(args.out, "segmenter")
     if not os.path.exists(os.path.join(segmenter, "model.safetensors")):
         timings["segmenter"] = run(
@@ -271,7 +286,8 @@ def main(argv=None) -> int:
             os.path.join(args.out, "segmenter.log"),
         )
     per_seed = [train_seed(seed, args, data, segmenter, timings) for seed in args.seeds]
-    total = time.perf_counter() - t0
+    total = sum(v for k, v in timings.items() if k == "segmenter" or int(k.split("/")[0][4:]) in args.seeds)
+    print(f"this invocation: {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"seeds": args.seeds, "results": per_seed, "timings": timings, "total_s": total}, f, indent=1)
     text = report(per_seed, args, timings, total)

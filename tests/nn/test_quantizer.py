@@ -239,7 +239,8 @@ def test_first_training_forward_seeds_codebook_from_data():
     rows = _flat(z)
     codes = q.codebook().detach()
     # every code is one of this batch's latents, distinct ones, and this very forward already used them
-    assert ((codes[:, None] - rows[None]).norm(dim=-1).min(1).values < 1e-6).all() and len(torch.unique(codes, dim=0)) == 16
+    assert ((codes[:, None] - rows[None]).norm(dim=-1).min(1).values < 1e-6).all()
+    assert len(torch.unique(codes, dim=0)) == 16
     assert torch.equal(q.lookup(info["indices"]), z_q.detach())
     assert q.usage_stats()["restarts"] == 0  # seeding is not a restart
     # more codes than latents: duplicates are split by noise, every code stays close to a latent

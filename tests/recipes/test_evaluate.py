@@ -95,8 +95,9 @@ def _run(assets, out, *extra):
 
 
 def _direct_stage1(assets, n, batch_size):
-    """Semantic mIoU (with and without the reference image) and mean SSIM of the first n samples in shard order, computed without the recipe, in the same
-    batches (float32 convolutions, and so the 8-bit rounding of x_hat, depend slightly on the batch size)."""
+    """Semantic mIoU (with and without the reference image) and mean SSIM of the first n samples in shard order,
+    computed without the recipe, in the same batches (float32 convolutions, and so the 8-bit rounding of x_hat,
+    depend slightly on the batch size)."""
     model, cfg = load_stage1(assets["stage1"])
     loader = make_loader(
         list_shards(assets["shards"]),

@@ -35,7 +35,7 @@ def test_report_tables_mean_and_spread():
     assert row.endswith(f"| 45.00 ± {spread:.2f} |")  # map-only mIoU column
     table3 = text.split("## Table 3")[1].splitlines()
     assert next(line for line in table3 if line.startswith("| semantic_vqvae |")).endswith("| n/a |")
-    assert "Total wall-clock 10.0 min" in text and "| segmenter | 12 |" in text
+    assert "Wall-clock of all parts: 10.0 min" in text and "| segmenter | 12 |" in text
 
 
 def test_single_seed_cells_have_no_spread():
