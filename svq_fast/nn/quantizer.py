@@ -8,7 +8,8 @@ Options (all tested in tests/nn/test_quantizer.py):
 - ema=True: the codebook follows an exponential moving average of its assigned latents (decay, eps, Laplace
   smoothing) instead of the codebook loss; the codebook is then not a trained parameter.
 - restart_after=W: codes unused for W training forwards are re-seeded from the current batch's encoder outputs.
-- init_from_data=True: the first training forward seeds every code from that batch's encoder outputs.
+- init_from_data=True: the first training forward seeds every code from that batch's encoder outputs (rank 0's
+  micro-batch, broadcast: so the initial codebook depends on the micro-batch size per rank, not only on the data).
 - usage statistics (usage_stats()): batch perplexity, perplexity and fraction of codes used over a sliding window.
 
 Default: dead-code restart on (restart_after=100), gradient-trained codebook (ema=False), straight-through.

@@ -1,6 +1,8 @@
 """Same global batch, different parallel layouts: 1 rank vs 2 ranks under ZeRO 1/2/3, fp32 and bf16, and
 gradient accumulation must give the same stage-1 losses (the adversarial term is off: taming's adaptive
-weight is computed on each rank's local batch, so it legitimately depends on the layout)."""
+weight is computed on each rank's local batch, so it legitimately depends on the layout). The codebooks'
+data-dependent initialisation is off for the same reason: it seeds the codes from the first micro-batch rank 0
+sees, which is half the global batch on 2 ranks and a quarter under accumulation."""
 
 import json
 import socket
@@ -41,6 +43,7 @@ def run_layout(tmp, data, name, ranks, stage, accum=1, precision="fp32", gan=Fal
         f"--loss.gan={str(gan).lower()}",
         "--loss.disc_start=1",
         "--model.ch=16",
+        "--quantizer.init_from_data=false",
         "--optim.max_steps=4",
         "--log.every=1",
         f"--optim.micro_batch={micro}",
