@@ -113,28 +113,14 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
             results["stage1"][m] = json.load(f)["metrics"]
     for name, (image, _) in STAGE2.items():
         out = os.path.join(root, "eval", f"gpt_{image}")
-        if os.path.exists(os.path.join(out, "metrics.json")):
-            with open(os.path.join(out, "metrics.json")) as f:
-                results["stage2"][name] = json.load(f)["metrics"]
-            continue
-        timings[f"seed{seed}/eval/{name}"] = run(
-            evaluate
-            + [
-                "--mode",
-                "stage2",
-                "--gpt",
-                os.path.join(root, f"gpt_{image}", "export"),
-                "--out",
-                out,
-                "--name",
-                name,
-                "--seed",
-                str(seed),
-                "--top-k",
-                str(args.top_k),
-            ],
-            os.path.join(logs, f"eval_{name}.log"),
-        )
+        if not os.path.exists(os.path.join(out, "metrics.json")):
+            gpt = os.path.join(root, f"gpt_{image}", "export")
+            timings[f"seed{seed}/eval/{name}"] = run(
+                evaluate
+                + ["--mode", "stage2", "--gpt", gpt, "--out", out, "--name", name, "--seed", str(seed)]
+                + ["--top-k", str(args.top_k)],
+                os.path.join(logs, f"eval_{name}.log"),
+            )
         with open(os.path.join(out, "metrics.json")) as f:
             results["stage2"][name] = json.load(f)["metrics"]
     if seed == args.seeds[0]:  # Figure 3: the same maps, three samples each, coupled vs separate
@@ -175,8 +161,13 @@ def _cell(values: list, scale: float = 1.0, digits: int = 3) -> str:
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
+def timings_of(timings: dict, seeds: list[int]) -> dict:
+    """The parts that belong to this report: the shared segmenter and the requested seeds' runs."""
+    wanted = {f"seed{s}" for s in seeds}
+    return {k: v for k, v in timings.items() if k == "segmenter" or k.split("/")[0] in wanted}
+
+
 def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
-    seeds = {f"seed{s}" for s in args.seeds}
 
     def col(stage, model, key):
         return [r[stage][model].get(key) for r in per_seed]
@@ -253,7 +244,7 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         "| part | seconds |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items() if k == "segmenter" or k.split("/")[0] in seeds]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings_of(timings, args.seeds).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -286,7 +277,7 @@ def main(argv=None) -> int:
             os.path.join(args.out, "segmenter.log"),
         )
     per_seed = [train_seed(seed, args, data, segmenter, timings) for seed in args.seeds]
-    total = sum(v for k, v in timings.items() if k == "segmenter" or int(k.split("/")[0][4:]) in args.seeds)
+    total = sum(timings_of(timings, args.seeds).values())
     print(f"this invocation: {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"seeds": args.seeds, "results": per_seed, "timings": timings, "total_s": total}, f, indent=1)
