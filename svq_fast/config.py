@@ -71,6 +71,9 @@ class LossConfig:
     """Stage-1 loss, equation (3): L_VQ(x, x_hat) + lambda * L_VQVAE(s, s_hat)."""
 
     semantic_weight: float = 0.1  # lambda
+    # Exponent a of per-class semantic CE weights ~ (pixel frequency)^-a from the training shards' class histogram
+    # (losses/class_balance.py); 0 = plain cross-entropy as in the paper, 0.5 = inverse-sqrt frequency.
+    semantic_class_balance: float = 0.0
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     perceptual_weight: float = 0.0  # LPIPS; needs lpips_vgg_path

@@ -17,11 +17,16 @@ def reconstruction_loss(
     return loss
 
 
-def semantic_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def semantic_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, class_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy over classes; logits (B, C, H, W), labels (B, H, W); ignore pixels excluded.
 
+    class_weight (C,): per-class weights (losses/class_balance.py). The weighted sum is divided by the number of
+    valid pixels, not by the sum of their weights, so a batch's loss does not depend on which classes it holds.
     Returns 0 (with a graph) when a batch holds only ignore pixels, rather than NaN.
     """
     valid = (labels != ignore_index).sum()
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    weight = None if class_weight is None else class_weight.to(logits.device, torch.float32)
+    loss = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=ignore_index, reduction="sum")
     return loss / valid.clamp_min(1)

@@ -18,12 +18,13 @@ from torch.func import functional_call
 
 from svq_fast.config import Stage1Config
 from svq_fast.eval.visualize import colorize, grid, to_unit
+from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
 from svq_fast.losses.gan import adaptive_weight, generator_adv_loss, hinge_d_loss
 from svq_fast.losses.perceptual import build_perceptual
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
-from svq_fast.train.data import train_loader
+from svq_fast.train.data import resolve_shards, train_loader
 from svq_fast.train.engine import autocast_dtype, build_engine, device, init_distributed, nonfinite_anywhere
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops
@@ -60,8 +61,9 @@ def _weight_shape(param: torch.Tensor):
 class Stage1Step:
     """One micro-batch of generator + discriminator work; returns detached scalars for logging."""
 
-    def __init__(self, cfg: Stage1Config, gen, disc, dev: torch.device):
+    def __init__(self, cfg: Stage1Config, gen, disc, dev: torch.device, class_weight: torch.Tensor | None = None):
         self.cfg, self.gen, self.disc, self.dev = cfg, gen, disc, dev
+        self.class_weight = None if class_weight is None else class_weight.to(dev)  # (C,) semantic CE weights
         self.last: dict = {}
         self.timer = PhaseTimer(dev)
         self.perceptual = build_perceptual(cfg.loss.perceptual_weight, cfg.loss.lpips_vgg_path)
@@ -121,7 +123,7 @@ class Stage1Step:
                 codes_used_x=m.quantizer_x.usage_stats()["usage_fraction"],
             )
         if m.has_semantic:
-            ce = semantic_loss(out["s_logits"], s, cfg.model.ignore_index)
+            ce = semantic_loss(out["s_logits"], s, cfg.model.ignore_index, self.class_weight)
             weight = cfg.loss.semantic_weight if m.has_image else 1.0  # lambda only couples two modalities
             sem_total = weight * (ce + out["vq_loss_s"])
             loss = loss + sem_total
@@ -161,6 +163,22 @@ class Stage1Step:
         return logs
 
 
+def semantic_class_weights(cfg: Stage1Config, model: SVQModel, rank: int) -> torch.Tensor | None:
+    """(C,) weights of the semantic cross-entropy from the training shards' class histogram, or None (plain CE)."""
+    if not (model.has_semantic and cfg.loss.semantic_class_balance > 0):
+        return None
+    counts = class_pixel_counts(resolve_shards(cfg.data, "train", rank), cfg.model.num_classes, cfg.model.ignore_index)
+    weights = balanced_class_weights(counts, cfg.loss.semantic_class_balance)
+    if rank == 0:
+        used = weights[weights > 0]
+        print(
+            f"semantic cross-entropy class weights (balance {cfg.loss.semantic_class_balance}): "
+            f"{used.min():.3f}..{used.max():.3f} over {len(used)} classes with pixels",
+            flush=True,
+        )
+    return weights
+
+
 def train_stage1(cfg: Stage1Config) -> dict:
     rank, world = init_distributed()
     run_dir = prepare_run(cfg, rank)
@@ -174,7 +192,7 @@ def train_stage1(cfg: Stage1Config) -> dict:
         d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers)
         disc, _, _ = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)
         engines["discriminator"] = disc
-    step_fn = Stage1Step(cfg, gen, disc, dev)
+    step_fn = Stage1Step(cfg, gen, disc, dev, semantic_class_weights(cfg, model, rank))
 
     def throughput(samples: int, seconds: float) -> dict[str, float]:
         return {

@@ -1,0 +1,94 @@
+"""Class-balanced semantic cross-entropy: weights from the shards' class histogram, and the weighted loss."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from svq_fast.data.loader import list_shards
+from svq_fast.data.make_shards import write_synthetic
+from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
+from svq_fast.losses.reconstruction import semantic_loss
+from svq_fast.models.svq import SVQModel
+from svq_fast.train.stage1 import semantic_class_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
+from configs import get_config  # noqa: E402
+
+
+def _write_index(shard_dir, histogram):
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    (shard_dir / "a.tar").write_bytes(b"")
+    (shard_dir / "index.json").write_text(json.dumps({"class_histogram": histogram}))
+    return str(shard_dir / "a.tar")
+
+
+def test_weights_follow_inverse_power_of_frequency_and_keep_the_mean_pixel_weight_one():
+    counts = torch.tensor([900.0, 90.0, 10.0, 0.0])
+    w = balanced_class_weights(counts, 0.5)
+    freq = counts / counts.sum()
+    assert w[3] == 0  # a class without pixels is never a target
+    torch.testing.assert_close((freq * w).sum(), torch.tensor(1.0))
+    torch.testing.assert_close(w[2] / w[0], torch.tensor(90.0).sqrt())  # (f_0 / f_2)^0.5
+    assert torch.equal(balanced_class_weights(counts, 0.0), (counts > 0).float())  # power 0: plain CE
+    with pytest.raises(ValueError, match=">= 0"):
+        balanced_class_weights(counts, -1.0)
+
+
+def test_counts_sum_the_histograms_of_every_shard_directory(tmp_path):
+    a = _write_index(tmp_path / "a", {"0": 10, "2": 5, "255": 100})  # the ignore id is not a class
+    b = _write_index(tmp_path / "b", {"0": 1, "1": 4})
+    counts = class_pixel_counts([a, b], num_classes=3)
+    assert counts.tolist() == [11.0, 4.0, 5.0]
+
+
+def test_counts_name_the_directory_and_class_on_bad_indexes(tmp_path):
+    no_index = tmp_path / "bare"
+    no_index.mkdir()
+    (no_index / "x.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"bare.*index\.json.*make_shards"):
+        class_pixel_counts([str(no_index / "x.tar")], num_classes=3)
+    old = _write_index(tmp_path / "old", {})
+    (tmp_path / "old" / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match="class_histogram"):
+        class_pixel_counts([old], num_classes=3)
+    wide = _write_index(tmp_path / "wide", {"7": 3})
+    with pytest.raises(ValueError, match="class id 7"):
+        class_pixel_counts([wide], num_classes=3)
+
+
+def test_synthetic_shards_carry_a_histogram_that_counts_every_pixel(tmp_path):
+    write_synthetic(str(tmp_path), split="train", size=16, num_samples=6, seed=0, samples_per_shard=3)
+    counts = class_pixel_counts(list_shards(str(tmp_path)), num_classes=16)
+    assert counts.sum() == 6 * 16 * 16
+
+
+def test_weighted_loss_is_the_weighted_sum_over_valid_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 4, 4))
+    labels[0, 0, 0] = 255
+    w = torch.tensor([0.5, 1.0, 4.0])
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    valid = labels != 255
+    expected = (per_pixel * w[labels.clamp_max(2)] * valid).sum() / valid.sum()
+    torch.testing.assert_close(semantic_loss(logits, labels, 255, w), expected)
+    torch.testing.assert_close(semantic_loss(logits, labels, 255, torch.ones(3)), semantic_loss(logits, labels, 255))
+
+
+def test_stage1_weights_come_from_the_configured_training_shards(tmp_path):
+    write_synthetic(str(tmp_path), split="train", size=16, num_samples=4, seed=0, samples_per_shard=4)
+    cfg = get_config("svqgan_tiny")
+    cfg.data.train_shards = str(tmp_path)
+    cfg.loss.semantic_class_balance = 0.5
+    model = SVQModel(cfg.model, cfg.quantizer)
+    counts = class_pixel_counts(list_shards(str(tmp_path)), 16)
+    torch.testing.assert_close(semantic_class_weights(cfg, model, rank=0), balanced_class_weights(counts, 0.5))
+    cfg.loss.semantic_class_balance = 0.0
+    assert semantic_class_weights(cfg, model, rank=0) is None
+    image_only = get_config("vqgan_tiny")
+    image_only.loss.semantic_class_balance = 0.5
+    assert semantic_class_weights(image_only, SVQModel(image_only.model, image_only.quantizer), rank=0) is None
