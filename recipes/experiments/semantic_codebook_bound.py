@@ -50,8 +50,9 @@ class PatchCodebook:
 
     def __init__(self, patches: torch.Tensor, counts: torch.Tensor, num_classes: int, k: int):
         self.c = num_classes + 1
-        order = counts.argsort(descending=True)[:k]
-        self.centroids = self._one_hot_mean(patches[order], torch.ones(len(order)), torch.arange(len(order)), len(order))
+        order = counts.argsort(descending=True)[:k]  # the k most frequent patches start as the patterns
+        n = len(order)
+        self.centroids = self._one_hot_mean(patches[order], torch.ones(n), torch.arange(n), n)
 
     def _class_ids(self, patches: torch.Tensor) -> torch.Tensor:
         ids = patches.long()
@@ -128,7 +129,8 @@ def write_report(out: str, results: list[dict], meta: dict, names: list[str]) ->
     ]
     for r in results:
         cells = ["n/a" if v is None else f"{v:.2f}" for v in r["per_class_iou"]]
-        lines.append(f"| {r['codes']} | {100 * r['miou']:.2f} | {100 * r['pixel_accuracy']:.2f} | " + " | ".join(cells) + " |")
+        head = f"| {r['codes']} | {100 * r['miou']:.2f} | {100 * r['pixel_accuracy']:.2f} | "
+        lines.append(head + " | ".join(cells) + " |")
     with open(os.path.join(out, "bound.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
