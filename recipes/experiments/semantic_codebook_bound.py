@@ -6,6 +6,8 @@ distance = Hamming distance between label patches), initialised with the K most 
 patch is then decoded as its nearest pattern's per-pixel majority class. The resulting mIoU is the ceiling of
 coding each patch on its own with K patterns. A trained model's semantic decoder also sees the neighbouring codes
 and may beat it somewhat, but a codebook far below the target here will not reach the target by training longer.
+Memory: the patterns take K * f^2 * (classes + 1) floats (1 GB for K = 4096 at f = 16 with 243 classes);
+distances are computed in blocks of 256 MB.
 
     python recipes/experiments/semantic_codebook_bound.py --train-shards runs/demo/data/64px/train \\
         --val-shards runs/demo/data/64px/val --factor 4 --codes 256,1024,4096 --out runs/codebook_bound
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from svq_fast.data.loader import IGNORE, list_shards, make_loader, read_index
 
-CHUNK = 1024  # patches per distance block: (CHUNK, f*f, K) gathered values stay a few hundred MB at K = 4096
+BLOCK_VALUES = 1 << 26  # gathered (patches, f*f, K) values per distance block: 256 MB of fp32
 
 
 def label_patches(shards: list[str], image_size: int, factor: int, max_images: int) -> torch.Tensor:
@@ -73,7 +75,8 @@ class PatchCodebook:
         norms = self.centroids.pow(2).sum((1, 2))  # (K,)
         p_idx = torch.arange(patches.shape[1])
         out = []
-        for chunk in patches.split(CHUNK):
+        rows = max(1, BLOCK_VALUES // (patches.shape[1] * len(self.centroids)))
+        for chunk in patches.split(rows):
             dot = cent[p_idx, self._class_ids(chunk)].sum(1)  # (n, K)
             out.append((norms - 2 * dot).argmin(1))
         return torch.cat(out)
