@@ -30,7 +30,8 @@ def init_distributed() -> tuple[int, int]:
         deepspeed.init_distributed(
             dist_backend=None if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False, verbose=False
         )
-        release_shm_allreduce_name(torch.distributed.get_rank())
+        if not torch.cuda.is_available():  # the shm workspace belongs to DeepSpeed's CPU accelerator only
+            release_shm_allreduce_name(torch.distributed.get_rank())
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
