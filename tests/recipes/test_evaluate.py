@@ -284,8 +284,16 @@ def test_rank_split_covers_each_sample_once(assets):
 def test_stage2_end_to_end(assets):
     tmp = assets["tmp"]
     torch.manual_seed(0)
+    q = configs.svqgan_tiny().quantizer  # the vocabularies of the stage-1 model in `assets`
     cfg = Stage2Config(
-        model=GPTConfig(image_vocab=1024, semantic_vocab=256, grid=16, n_layer=1, n_head=2, n_embd=32),
+        model=GPTConfig(
+            image_vocab=q.image_codebook_size,
+            semantic_vocab=q.semantic_codebook_size,
+            grid=16,
+            n_layer=1,
+            n_head=2,
+            n_embd=32,
+        ),
         stage1=assets["stage1"],
         data=DataConfig(image_size=64),
     )
