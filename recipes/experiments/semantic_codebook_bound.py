@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from svq_fast.data.loader import IGNORE, list_shards, make_loader, read_index
+from svq_fast.eval.miou import ConfusionMatrix
 
 BLOCK_VALUES = 1 << 26  # gathered (patches, f*f, K) values per distance block: 256 MB of fp32
 
@@ -38,8 +40,7 @@ def label_patches(shards: list[str], image_size: int, factor: int, max_images: i
     )
     out, seen = [], 0
     for batch in loader:
-        keep = ~batch["pad"] if "pad" in batch else slice(None)
-        labels = batch["label"][keep][: max_images - seen]  # (B, H, W)
+        labels = batch["label"][~batch["pad"]][: max_images - seen]  # (B, H, W)
         seen += len(labels)
         out.append(labels.unfold(1, factor, factor).unfold(2, factor, factor).reshape(-1, factor * factor))
         if seen >= max_images:
@@ -98,18 +99,14 @@ def bound(train: torch.Tensor, val: torch.Tensor, num_classes: int, k: int, iter
     uniq, counts = torch.unique(train, dim=0, return_counts=True)
     book = PatchCodebook(uniq, counts, num_classes, k)
     book.fit(uniq, counts, iters)
-    pred, target = book.decode(val).flatten(), val.flatten().long()
-    keep = target != IGNORE
-    cm = torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes**2).reshape(num_classes, -1)
-    cm = cm.double()
-    iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp_min(1)
-    present = cm.sum(1) > 0
+    cm = ConfusionMatrix(num_classes, IGNORE)  # the same mIoU as recipes/evaluate.py's Table 3
+    cm.update(book.decode(val), val.long())
     return {
         "codes": k,
         "distinct_train_patches": len(uniq),
-        "miou": iou[present].mean().item(),
-        "pixel_accuracy": (cm.diag().sum() / cm.sum()).item(),
-        "per_class_iou": [round(v, 4) if p else None for v, p in zip(iou.tolist(), present.tolist())],
+        "miou": cm.miou(),
+        "pixel_accuracy": cm.pixel_accuracy(),
+        "per_class_iou": [None if math.isnan(v) else round(v, 4) for v in cm.iou().tolist()],
     }
 
 
