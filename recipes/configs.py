@@ -50,7 +50,10 @@ def svqgan_tiny() -> Stage1Config:
     dead codes restarted after 20 steps, inverse-sqrt class-balanced semantic cross-entropy with a cosine lr decay
     (0.53 vs 0.38 at 300 steps: the small object classes are what mIoU waits for), and the paper's 4096 semantic
     codes: coding each 4x4 label patch with 256 patterns caps mIoU at 0.79 on this data, 1024 at 0.88, 4096 at 0.94
-    (recipes/experiments/semantic_codebook_bound.py)."""
+    (recipes/experiments/semantic_codebook_bound.py). The semantic decoder is the sub-pixel one (two 128-wide
+    ResBlocks at 16x16, then one conv to 16 x 16 logits per latent): 0.73 after 300 steps against 0.44 with the
+    conv decoder mirroring the image decoder, at about 30% less time per step. The paper-size configs keep the
+    mirrored conv decoder."""
     return Stage1Config(
         model=SVQModelConfig(
             kind="svq",
@@ -63,6 +66,9 @@ def svqgan_tiny() -> Stage1Config:
             norm_groups=8,
             z_channels=32,
             semantic_z_channels=16,
+            semantic_decoder="subpixel",
+            semantic_decoder_width=128,
+            semantic_decoder_blocks=2,
         ),
         quantizer=QuantizerConfig(image_codebook_size=1024, semantic_codebook_size=4096, beta=0.25, restart_after=20),
         loss=LossConfig(

@@ -67,8 +67,9 @@ class _RankSlice:
         self.loader.load_state_dict(state)
 
 
-def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int):
-    shards = resolve_shards(cfg, "train", rank)
+def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, shards: list[str] | None = None):
+    """Endless loader of this rank's micro-batches; `shards` = already resolved training shards (else resolved here)."""
+    shards = shards if shards is not None else resolve_shards(cfg, "train", rank)
     if cfg.global_stream:
         loader = make_loader(
             shards,

@@ -163,11 +163,11 @@ class Stage1Step:
         return logs
 
 
-def semantic_class_weights(cfg: Stage1Config, model: SVQModel, rank: int) -> torch.Tensor | None:
+def semantic_class_weights(cfg: Stage1Config, model: SVQModel, shards: list[str], rank: int) -> torch.Tensor | None:
     """(C,) weights of the semantic cross-entropy from the training shards' class histogram, or None (plain CE)."""
     if not (model.has_semantic and cfg.loss.semantic_class_balance > 0):
         return None
-    counts = class_pixel_counts(resolve_shards(cfg.data, "train", rank), cfg.model.num_classes, cfg.model.ignore_index)
+    counts = class_pixel_counts(shards, cfg.model.num_classes, cfg.model.ignore_index)
     weights = balanced_class_weights(counts, cfg.loss.semantic_class_balance)
     if rank == 0:
         used = weights[weights > 0]
@@ -192,7 +192,8 @@ def train_stage1(cfg: Stage1Config) -> dict:
         d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers)
         disc, _, _ = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)
         engines["discriminator"] = disc
-    step_fn = Stage1Step(cfg, gen, disc, dev, semantic_class_weights(cfg, model, rank))
+    shards = resolve_shards(cfg.data, "train", rank)  # once: class weights and the loader read the same list
+    step_fn = Stage1Step(cfg, gen, disc, dev, semantic_class_weights(cfg, model, shards, rank))
 
     def throughput(samples: int, seconds: float) -> dict[str, float]:
         return {
@@ -204,7 +205,7 @@ def train_stage1(cfg: Stage1Config) -> dict:
         if cfg.log.image_every and step % cfg.log.image_every == 0 and step_fn.last:
             log.image(step, "reconstructions", _image_grid(step_fn.last, cfg))
 
-    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world)
+    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, shards)
     stage = Stage(
         "stage1",
         engines,

@@ -13,6 +13,7 @@ from svq_fast.data.make_shards import write_synthetic
 from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
 from svq_fast.losses.reconstruction import semantic_loss
 from svq_fast.models.svq import SVQModel
+from svq_fast.train.data import resolve_shards
 from svq_fast.train.stage1 import semantic_class_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
@@ -85,10 +86,12 @@ def test_stage1_weights_come_from_the_configured_training_shards(tmp_path):
     cfg.data.train_shards = str(tmp_path)
     cfg.loss.semantic_class_balance = 0.5
     model = SVQModel(cfg.model, cfg.quantizer)
+    shards = resolve_shards(cfg.data, "train", rank=0)
     counts = class_pixel_counts(list_shards(str(tmp_path)), 16)
-    torch.testing.assert_close(semantic_class_weights(cfg, model, rank=0), balanced_class_weights(counts, 0.5))
+    torch.testing.assert_close(semantic_class_weights(cfg, model, shards, rank=0), balanced_class_weights(counts, 0.5))
     cfg.loss.semantic_class_balance = 0.0
-    assert semantic_class_weights(cfg, model, rank=0) is None
+    assert semantic_class_weights(cfg, model, shards, rank=0) is None
     image_only = get_config("vqgan_tiny")
     image_only.loss.semantic_class_balance = 0.5
-    assert semantic_class_weights(image_only, SVQModel(image_only.model, image_only.quantizer), rank=0) is None
+    image_model = SVQModel(image_only.model, image_only.quantizer)
+    assert semantic_class_weights(image_only, image_model, shards, rank=0) is None

@@ -3,6 +3,7 @@ import torch
 
 from svq_fast.config import QuantizerConfig, SVQModelConfig
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
+from svq_fast.models.svq.subpixel_decoder import SubpixelDecoder
 
 
 def tiny(kind="svq", **kw):
@@ -29,9 +30,13 @@ def batch(b=2):
     return x, s
 
 
+SEMANTIC_DECODERS = [dict(), dict(semantic_decoder="subpixel", semantic_decoder_width=8, semantic_decoder_blocks=1)]
+
+
 @pytest.mark.parametrize("kind", ["svq", "image", "semantic"])
-def test_shapes_per_kind(kind):
-    m = tiny(kind)
+@pytest.mark.parametrize("sdec", SEMANTIC_DECODERS, ids=["conv", "subpixel"])
+def test_shapes_per_kind(kind, sdec):
+    m = tiny(kind, **sdec)
     x, s = batch()
     out = m(x if kind != "semantic" else None, s if kind != "image" else None)
     if kind != "semantic":
@@ -40,8 +45,9 @@ def test_shapes_per_kind(kind):
         assert out["s_logits"].shape == (2, 5, 32, 32) and out["indices_s"].shape == (2, 16, 16)
 
 
-def test_image_loss_gives_no_gradient_to_semantic_branch():
-    m = tiny("svq")
+@pytest.mark.parametrize("sdec", SEMANTIC_DECODERS, ids=["conv", "subpixel"])
+def test_image_loss_gives_no_gradient_to_semantic_branch(sdec):
+    m = tiny("svq", **sdec)
     x, s = batch()
     out = m(x, s)
     (out["x_hat"] - x).abs().mean().backward()
@@ -52,8 +58,9 @@ def test_image_loss_gives_no_gradient_to_semantic_branch():
     assert m.decoder_x.conv_out.weight.grad.abs().max() > 0
 
 
-def test_semantic_loss_trains_shared_encoder_and_semantic_branch():
-    m = tiny("svq")
+@pytest.mark.parametrize("sdec", SEMANTIC_DECODERS, ids=["conv", "subpixel"])
+def test_semantic_loss_trains_shared_encoder_and_semantic_branch(sdec):
+    m = tiny("svq", **sdec)
     x, s = batch()
     out = m(x, s)
     torch.nn.functional.cross_entropy(out["s_logits"], s, ignore_index=255).backward()
@@ -70,6 +77,23 @@ def test_encode_semantic_without_image_and_decode_indices():
     out = m(x, s)
     img = m.decode_indices(out["indices_x"], out["indices_s"])
     torch.testing.assert_close(img, out["x_hat"], atol=1e-5, rtol=1e-4)
+
+
+def test_subpixel_decoder_unfolds_each_latent_into_its_own_patch():
+    # conv_out channel (c, i, j) of latent (h, w) must land on pixel (h * f + i, w * f + j) of class c
+    dec = SubpixelDecoder(in_channels=4, out_channels=3, width=8, num_blocks=1, factor=2, groups=4)
+    z = torch.randn(1, 4, 5, 5)
+    h = torch.nn.functional.silu(dec.norm_out(dec.blocks(dec.conv_in(z))))
+    per_latent = dec.conv_out(h).reshape(1, 3, 2, 2, 5, 5)  # (B, class, i, j, h, w)
+    logits = dec(z)
+    assert logits.shape == (1, 3, 10, 10)
+    for c, i, j, hh, ww in [(0, 0, 0, 0, 0), (2, 1, 0, 3, 4), (1, 1, 1, 4, 2)]:
+        assert logits[0, c, hh * 2 + i, ww * 2 + j] == per_latent[0, c, i, j, hh, ww]
+
+
+def test_unknown_semantic_decoder_is_refused():
+    with pytest.raises(ValueError, match="semantic_decoder"):
+        tiny("svq", semantic_decoder="upconv")
 
 
 def test_out_of_range_class_id_is_named():

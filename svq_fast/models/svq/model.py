@@ -17,6 +17,7 @@ from svq_fast.nn.semantic_input import SemanticConv
 
 from .decoder import Decoder
 from .encoder import Encoder
+from .subpixel_decoder import SubpixelDecoder
 
 
 class SVQModel(nn.Module):
@@ -66,9 +67,24 @@ class SVQModel(nn.Module):
             self.quant_s = nn.Conv2d(zs, zs, 1)
             self.quantizer_s = VectorQuantizer(qcfg.semantic_codebook_size, zs, **q)
             self.post_quant_s = nn.Conv2d(zs, zs, 1)
-            self.decoder_s = Decoder(in_channels=zs, out_channels=cfg.num_classes, **shape)
+            self.decoder_s = self._semantic_decoder(cfg, zs, shape)
         # Learned fill for the hidden image when training for reference-free semantic encoding.
         self.image_fill = nn.Parameter(torch.zeros(1, 3, 1, 1)) if cfg.image_dropout > 0 else None
+
+    @staticmethod
+    def _semantic_decoder(cfg: SVQModelConfig, zs: int, shape: dict) -> nn.Module:
+        if cfg.semantic_decoder == "conv":
+            return Decoder(in_channels=zs, out_channels=cfg.num_classes, **shape)
+        if cfg.semantic_decoder == "subpixel":
+            return SubpixelDecoder(
+                in_channels=zs,
+                out_channels=cfg.num_classes,
+                width=cfg.semantic_decoder_width,
+                num_blocks=cfg.semantic_decoder_blocks,
+                factor=2 ** (len(cfg.ch_mult) - 1),
+                groups=cfg.norm_groups,
+            )
+        raise ValueError(f"model.semantic_decoder must be 'conv' or 'subpixel', got {cfg.semantic_decoder!r}")
 
     # -- encoding -------------------------------------------------------------------------------------
 
