@@ -86,7 +86,7 @@ def svqgan_tiny() -> Stage1Config:
             disc_lr=1e-3,
             betas=(0.9, 0.99),
             micro_batch=8,
-            max_steps=300,
+            max_steps=600,
             warmup_steps=20,
             lr_schedule="cosine",
         ),
