@@ -30,9 +30,7 @@ def _args(data, out):
         f"--data.synthetic_default={data}",
         "--data.synthetic_train_samples=200",
         "--model.ch=16",
-        # 256 codes, below the 1024 latents of a micro-batch: with the tiny config's 4096 the multinode run's
-        # step-3 reconstruction loss differed from deepspeed's by 1e-3 relative (codes then seeded with replacement
-        # plus noise; not investigated further), while the three single-node launchers still agreed
+        # 256 codes, below the 1024 latents of a micro-batch, so the codebook is seeded from distinct latents
         "--quantizer.semantic_codebook_size=256",
         "--optim.max_steps=3",
         "--log.every=1",
@@ -153,6 +151,13 @@ def test_deepspeed_launch_leaves_no_shared_memory_behind(histories):
 def test_launcher_matches_deepspeed(histories, launcher):
     ref, got = histories["deepspeed"], histories[launcher]
     assert [h["step"] for h in got] == [h["step"] for h in ref] == [1, 2, 3]
+    # The single-node launchers run two ranks of one CPU thread each and agree to the bit. Each "node" of the
+    # multinode run is alone on its node, so prepare_run gives it both cores: two threads split the conv weight
+    # gradients' sums differently (1.9e-6 relative on a 3x3 conv, measured), and the adaptive GAN weight (a ratio
+    # of gradient norms, in play from step 1) amplifies that; at step 3: loss 2.4e-4 relative, reconstruction
+    # 4e-5, semantic CE 1e-7. Step 1 still agrees to 1e-7.
+    later_rel = 1e-3 if launcher == "multinode" else 1e-4
     for a, b in zip(ref, got):
+        rel = 1e-6 if a["step"] == 1 else later_rel
         for key in ("loss", "rec", "sem_ce", "d_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (launcher, a["step"], key)
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), (launcher, a["step"], key)
