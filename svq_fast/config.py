@@ -67,6 +67,7 @@ class SVQModelConfig:
     # Semantic decoder: "conv" mirrors the image decoder (the paper); "subpixel" stays at latent resolution with
     # `semantic_decoder_blocks` ResBlocks of `semantic_decoder_width` channels and unfolds every latent into its
     # f x f label patch with one sub-pixel conv (models/svq/subpixel_decoder.py): much faster to train on label maps.
+    # Its last conv has num_classes * f^2 outputs, so it suits small downsampling factors f (the tiny configs' 4).
     semantic_decoder: Literal["conv", "subpixel"] = "conv"
     semantic_decoder_width: int = 256
     semantic_decoder_blocks: int = 2
