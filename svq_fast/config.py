@@ -72,6 +72,11 @@ class SVQModelConfig:
     semantic_decoder_width: int = 256
     semantic_decoder_blocks: int = 2
 
+    @property
+    def downsampling(self) -> int:
+        """Image side / latent side: one halving per ch_mult entry after the first."""
+        return 2 ** (len(self.ch_mult) - 1)
+
 
 @dataclass(kw_only=True)
 class LossConfig:
@@ -318,9 +323,8 @@ def validate(cfg: Any) -> None:
         for w in [m.ch * k for k in m.ch_mult]:
             if w % m.norm_groups:
                 raise ConfigError(f"model.norm_groups={m.norm_groups} does not divide width {w} (ch * ch_mult)")
-        factor = 2 ** (len(m.ch_mult) - 1)
-        if m.image_size % factor:
-            raise ConfigError(f"model.image_size={m.image_size} is not divisible by the downsampling {factor}")
+        if m.image_size % m.downsampling:
+            raise ConfigError(f"model.image_size={m.image_size} is not divisible by the downsampling {m.downsampling}")
         if cfg.data.image_size != m.image_size:
             raise ConfigError(f"data.image_size={cfg.data.image_size} differs from model.image_size={m.image_size}")
     if isinstance(cfg, Stage2Config):

@@ -34,7 +34,7 @@ def build_tokenizer(cfg: Stage2Config, dev) -> Tokenizer:
             f"stage-1 codebooks (image {tok.image_vocab}, semantic {tok.semantic_vocab}); "
             "set --model.image_vocab / --model.semantic_vocab"
         )
-    latent = s1.model.image_size // 2 ** (len(s1.model.ch_mult) - 1)
+    latent = s1.model.image_size // s1.model.downsampling
     if latent != g.grid:
         raise ValueError(f"stage-1 latents are {latent}x{latent} but model.grid={g.grid}")
     if cfg.data.image_size != s1.model.image_size:

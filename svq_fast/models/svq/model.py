@@ -81,7 +81,7 @@ class SVQModel(nn.Module):
                 out_channels=cfg.num_classes,
                 width=cfg.semantic_decoder_width,
                 num_blocks=cfg.semantic_decoder_blocks,
-                factor=2 ** (len(cfg.ch_mult) - 1),
+                factor=cfg.downsampling,
                 groups=cfg.norm_groups,
             )
         raise ValueError(f"model.semantic_decoder must be 'conv' or 'subpixel', got {cfg.semantic_decoder!r}")
