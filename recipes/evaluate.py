@@ -340,11 +340,11 @@ class Stage1Task:
             scorer.update(quantize_uint8(out["x_hat"]), x, s)
             self.usage_x.update(out["indices_x"])
         if self.has_semantic:
-            self.semantic.update(out["s_logits"].argmax(1), s)
+            self.semantic.update(self.model.semantic_labels(out["s_logits"]), s)
             self.usage_s.update(out["indices_s"])
         if self.coupled:
             z_s = self.model.quantizer_s.lookup(self.model.encode_semantic(s))
-            self.semantic_map_only.update(self.model.decode_semantic(z_s).argmax(1), s)
+            self.semantic_map_only.update(self.model.semantic_labels(self.model.decode_semantic(z_s)), s)
 
     def finish(self) -> dict:
         """Collective: the task's own global metrics."""

@@ -39,6 +39,9 @@ class QuantizerConfig:
     ema: bool = False  # EMA codebook updates instead of the codebook loss (not under ZeRO-3)
     ema_decay: float = 0.99
     restart_after: int = 100  # re-seed codes unused for this many training steps (0 = off); keeps usage high
+    # where restarted codes go: latents drawn uniformly, or with probability ~ their squared quantization error
+    # ("error", k-means++-style: rare patterns the codebook misses get the freed codes)
+    restart_sampling: Literal["uniform", "error"] = "uniform"
     init_from_data: bool = True  # seed the codebook from the first training batch's latents (no early collapse)
     usage_window: int = 100  # steps over which codebook usage is reported
     deterministic: bool = True  # deterministic codebook-gradient scatter on GPU
@@ -71,6 +74,9 @@ class SVQModelConfig:
     semantic_decoder: Literal["conv", "subpixel"] = "conv"
     semantic_decoder_width: int = 256
     semantic_decoder_blocks: int = 2
+    # Add a linear embedding of each latent's f x f label patch to z_s before quantization (nn/semantic_patch.py):
+    # a path that only the semantic loss trains, beside the shared encoder, which still feeds z_s.
+    semantic_patch_input: bool = False
 
     @property
     def downsampling(self) -> int:

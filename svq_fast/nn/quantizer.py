@@ -7,7 +7,9 @@ Options (all tested in tests/nn/test_quantizer.py):
   cosine=True for LlamaGen's l2-normalised codes).
 - ema=True: the codebook follows an exponential moving average of its assigned latents (decay, eps, Laplace
   smoothing) instead of the codebook loss; the codebook is then not a trained parameter.
-- restart_after=W: codes unused for W training forwards are re-seeded from the current batch's encoder outputs.
+- restart_after=W: codes unused for W training forwards are re-seeded from the current batch's encoder outputs,
+  drawn uniformly (restart_sampling="uniform") or with probability ~ their squared quantization error ("error",
+  k-means++'s D^2 seeding: latents far from every code, such as rare label patterns, get the freed codes).
 - init_from_data=True: the first training forward seeds every code from that batch's encoder outputs (rank 0's
   micro-batch, broadcast: so the initial codebook depends on the micro-batch size per rank, not only on the data).
 - usage statistics (usage_stats()): batch perplexity, perplexity and fraction of codes used over a sliding window.
@@ -44,6 +46,7 @@ from torch import nn
 from svq_fast.kernels.vq import BACKENDS, vq
 
 GRADS = ("ste", "rotation")
+RESTART_SAMPLING = ("uniform", "error")
 # Statistics kept in fp32 even when the module is cast to fp16/bf16 (e.g. by a DeepSpeed bf16 engine).
 _FP32_BUFFERS = ("ema_cluster_size", "ema_embed_sum", "usage_ema")
 
@@ -91,6 +94,7 @@ class VectorQuantizer(nn.Module):
         ema_decay: float = 0.99,
         ema_eps: float = 1e-5,
         restart_after: int = 100,
+        restart_sampling: str = "uniform",
         usage_window: int = 100,
         deterministic: bool = True,
         init_from_data: bool = True,
@@ -102,6 +106,10 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"VectorQuantizer: unknown backend {backend!r} (one of {'|'.join(BACKENDS)})")
         if grad not in GRADS:
             raise ValueError(f"VectorQuantizer: unknown grad {grad!r} (one of {'|'.join(GRADS)})")
+        if restart_sampling not in RESTART_SAMPLING:
+            raise ValueError(
+                f"VectorQuantizer: unknown restart_sampling {restart_sampling!r} (one of {'|'.join(RESTART_SAMPLING)})"
+            )
         if code_dim is not None and code_dim < 1:
             raise ValueError(f"VectorQuantizer: code_dim must be >= 1 or None, got {code_dim}")
         if not 0.0 <= ema_decay < 1.0 or ema_eps <= 0:
@@ -114,7 +122,7 @@ class VectorQuantizer(nn.Module):
         self.code_dim = code_dim if code_dim is not None else dim
         self.ema, self.ema_decay, self.ema_eps = ema, ema_decay, ema_eps
         self.restart_after, self.usage_window, self.deterministic = restart_after, usage_window, deterministic
-        self.init_from_data = init_from_data
+        self.init_from_data, self.restart_sampling = init_from_data, restart_sampling
         self._init_checked = False
 
         k, c = codebook_size, self.code_dim
@@ -184,7 +192,7 @@ class VectorQuantizer(nn.Module):
         z_q = x_q.view(b, h, w, d).permute(0, 3, 1, 2).contiguous()  # (B, D, H, W)
         with torch.no_grad():
             if self.training:
-                counts = self._update(x.detach(), out.indices)
+                counts = self._update(x.detach(), out.indices, out.z_q.detach())
             else:
                 counts = torch.bincount(out.indices, minlength=self.codebook_size)
             perplexity = _perplexity(counts)
@@ -202,8 +210,9 @@ class VectorQuantizer(nn.Module):
     # -- training-time state: usage, EMA, restarts --------------------------------------------------------
 
     @torch.no_grad()
-    def _update(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x (N, C) detached lookup inputs, indices (N,). Returns the global code counts (K,) fp32."""
+    def _update(self, x: torch.Tensor, indices: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """x (N, C) detached lookup inputs, indices (N,), codes (N, C) their nearest codes.
+        Returns the global code counts (K,) fp32."""
         k, c = self.codebook_size, self.code_dim
         counts = torch.bincount(indices, minlength=k).float()  # (K,)
         if self.ema:
@@ -222,7 +231,7 @@ class VectorQuantizer(nn.Module):
         if self.ema:
             self._ema_update(counts, packed[k:].view(k, c))
         if self.restart_after > 0:
-            self._restart_dead(x)
+            self._restart_dead(x, codes)
         return counts
 
     def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
@@ -240,21 +249,31 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.ema_cluster_size + self.ema_eps) / (n + k * self.ema_eps) * n  # Laplace smoothing
         self.embedding.weight.copy_(self.ema_embed_sum / smoothed[:, None])
 
-    def _restart_dead(self, x: torch.Tensor) -> None:
-        """Re-seed codes unused for restart_after steps from the rows of x (N, C); identical on every rank."""
+    def _restart_dead(self, x: torch.Tensor, codes: torch.Tensor) -> None:
+        """Re-seed codes unused for restart_after steps from the rows of x (N, C) (codes (N, C): their nearest
+        codes); identical on every rank."""
         since = self.step - torch.maximum(self.last_used, self.last_reset)  # (K,) steps without use
         dead = torch.nonzero(since >= self.restart_after).flatten()  # same on all ranks (global counts)
         if dead.numel() == 0:
             return
-        self._reseed(dead, x)
+        weight = None
+        if self.restart_sampling == "error":
+            weight = (x.float() - codes.float()).pow(2).sum(1)  # (N,) squared quantization error
+        self._reseed(dead, x, weight)
         self.restarts.add_(dead.numel())
 
-    def _reseed(self, dead: torch.Tensor, x: torch.Tensor) -> None:
-        """Set codes `dead` (n_dead,) to random rows of x (N, C), rank 0's draw on every rank."""
+    def _reseed(self, dead: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Set codes `dead` (n_dead,) to rows of x (N, C), rank 0's draw on every rank: distinct rows drawn
+        uniformly, or with probability ~ weight (N,) (k-means++'s D^2 seeding when weight is the squared
+        quantization error: the latents the codebook represents worst get the freed codes)."""
         n_dead, n = dead.numel(), x.shape[0]
         # every rank draws (keeps RNG streams aligned), rank 0's draw is broadcast
         if n_dead <= n:
-            pick = torch.randperm(n, device=x.device)[:n_dead]
+            if weight is None:
+                pick = torch.randperm(n, device=x.device)[:n_dead]
+            else:  # weighted draw without replacement (Efraimidis-Spirakis: top n_dead of weight / Exp(1))
+                keys = (weight.float() + 1e-12) / torch.empty(n, device=x.device).exponential_()
+                pick = keys.topk(n_dead).indices
             new = x[pick].float()  # (n_dead, C)
         else:
             pick = torch.randint(n, (n_dead,), device=x.device)

@@ -130,7 +130,7 @@ class Stage1Step:
             reported = reported + sem_total.detach()
             with torch.no_grad():
                 valid = s != cfg.model.ignore_index
-                acc = ((out["s_logits"].argmax(1) == s) & valid).sum() / valid.sum().clamp_min(1)
+                acc = ((m.semantic_labels(out["s_logits"]) == s) & valid).sum() / valid.sum().clamp_min(1)
             logs.update(
                 codes_used_s=m.quantizer_s.usage_stats()["usage_fraction"],
                 sem_ce=ce.item(),
@@ -145,7 +145,8 @@ class Stage1Step:
         with self.timer("optimizer"):
             self.gen.step()
         logs["loss"] = reported.item()
-        self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_logits": out.get("s_logits")}
+        s_labels = m.semantic_labels(out["s_logits"].detach()) if m.has_semantic else None
+        self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_labels": s_labels}
 
         if self.disc is not None and step >= cfg.loss.disc_start - cfg.loss.disc_warmup:
             b = x.shape[0]
@@ -185,6 +186,10 @@ def train_stage1(cfg: Stage1Config) -> dict:
     dev = device()
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = SVQModel(cfg.model, cfg.quantizer)
+    shards = resolve_shards(cfg.data, "train", rank)  # once: class weights and the loader read the same list
+    class_weight = semantic_class_weights(cfg, model, shards, rank)
+    if model.has_semantic:
+        model.set_semantic_class_weight(class_weight)  # saved with the model: semantic_labels undoes the weights
     gen, _, gen_sched = build_engine(model, cfg, world_size=world)
     disc = None
     engines = {"generator": gen}
@@ -192,8 +197,7 @@ def train_stage1(cfg: Stage1Config) -> dict:
         d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers)
         disc, _, _ = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)
         engines["discriminator"] = disc
-    shards = resolve_shards(cfg.data, "train", rank)  # once: class weights and the loader read the same list
-    step_fn = Stage1Step(cfg, gen, disc, dev, semantic_class_weights(cfg, model, shards, rank))
+    step_fn = Stage1Step(cfg, gen, disc, dev, class_weight)
 
     def throughput(samples: int, seconds: float) -> dict[str, float]:
         return {
@@ -252,6 +256,6 @@ def _image_grid(last: dict, cfg: Stage1Config, n: int = 4) -> torch.Tensor:
             row += [to_unit(last["x"][i]), to_unit(last["x_hat"][i])]
         if last["s"] is not None:
             k, ig = cfg.model.num_classes, cfg.model.ignore_index
-            row += [colorize(last["s"][i : i + 1], k, ig)[0], colorize(last["s_logits"][i : i + 1].argmax(1), k, ig)[0]]
+            row += [colorize(last["s"][i : i + 1], k, ig)[0], colorize(last["s_labels"][i : i + 1], k, ig)[0]]
         rows.append(row)
     return grid(rows)

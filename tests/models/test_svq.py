@@ -30,11 +30,13 @@ def batch(b=2):
     return x, s
 
 
-SEMANTIC_DECODERS = [dict(), dict(semantic_decoder="subpixel", semantic_decoder_width=8, semantic_decoder_blocks=1)]
+SUBPIXEL = dict(semantic_decoder="subpixel", semantic_decoder_width=8, semantic_decoder_blocks=1)
+SEMANTIC_DECODERS = [dict(), SUBPIXEL, dict(SUBPIXEL, semantic_patch_input=True)]
+SEMANTIC_IDS = ["conv", "subpixel", "subpixel+patch"]
 
 
 @pytest.mark.parametrize("kind", ["svq", "image", "semantic"])
-@pytest.mark.parametrize("sdec", SEMANTIC_DECODERS, ids=["conv", "subpixel"])
+@pytest.mark.parametrize("sdec", SEMANTIC_DECODERS, ids=SEMANTIC_IDS)
 def test_shapes_per_kind(kind, sdec):
     m = tiny(kind, **sdec)
     x, s = batch()
@@ -45,20 +47,21 @@ def test_shapes_per_kind(kind, sdec):
         assert out["s_logits"].shape == (2, 5, 32, 32) and out["indices_s"].shape == (2, 16, 16)
 
 
-@pytest.mark.parametrize("sdec", SEMANTIC_DECODERS, ids=["conv", "subpixel"])
+@pytest.mark.parametrize("sdec", SEMANTIC_DECODERS, ids=SEMANTIC_IDS)
 def test_image_loss_gives_no_gradient_to_semantic_branch(sdec):
     m = tiny("svq", **sdec)
     x, s = batch()
     out = m(x, s)
     (out["x_hat"] - x).abs().mean().backward()
-    for name in ("quantizer_s", "decoder_s", "post_quant_s", "quant_s"):
+    branch = ["quantizer_s", "decoder_s", "post_quant_s", "quant_s"] + (["patch_s"] if m.patch_s is not None else [])
+    for name in branch:
         grads = [p.grad for p in getattr(m, name).parameters()]
         assert all(g is None or g.abs().max() == 0 for g in grads), name
     # ...while the image branch does learn from it
     assert m.decoder_x.conv_out.weight.grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("sdec", SEMANTIC_DECODERS, ids=["conv", "subpixel"])
+@pytest.mark.parametrize("sdec", SEMANTIC_DECODERS, ids=SEMANTIC_IDS)
 def test_semantic_loss_trains_shared_encoder_and_semantic_branch(sdec):
     m = tiny("svq", **sdec)
     x, s = batch()
@@ -66,6 +69,8 @@ def test_semantic_loss_trains_shared_encoder_and_semantic_branch(sdec):
     torch.nn.functional.cross_entropy(out["s_logits"], s, ignore_index=255).backward()
     assert m.decoder_s.conv_out.weight.grad.abs().max() > 0
     assert m.encoder.conv_out.weight.grad.abs().max() > 0
+    if m.patch_s is not None:  # the semantic-only input path learns from the semantic loss
+        assert m.patch_s.weight.grad.abs().max() > 0
     assert m.decoder_x.conv_out.weight.grad is None
 
 
@@ -142,3 +147,31 @@ def test_every_family_config_builds_and_runs():
         and CONFIGS["svqgan_tiny"]().model.image_dropout == 0
     )
     assert CONFIGS["svqgan_l1_f16_256"]().model.image_size == 256
+
+
+def test_semantic_labels_undo_the_class_weights_bias():
+    """Weighted CE's minimiser is softmax ~ w_c p(c): semantic_labels reads labels off logits - log w."""
+    m = tiny("semantic")
+    # per-pixel posterior p = (0.5, 0.3, 0.2, 0, 0) at every pixel; the weighted-CE optimum logits are log(w p)
+    p = torch.tensor([0.5, 0.3, 0.2, 1e-9, 1e-9])
+    w = torch.tensor([0.5, 4.0, 1.0, 1.0, 0.0])  # class 4 absent from the training data: weight 0
+    logits = (w.clamp_min(1e-9) * p).log().view(1, 5, 1, 1).expand(2, 5, 3, 3)
+    assert (logits.argmax(1) == 1).all()  # the raw argmax follows the weighted optimum (0.5*0.5 < 4*0.3)
+    assert (m.semantic_labels(logits) == 1).all()  # no weights recorded yet: plain argmax
+    m.set_semantic_class_weight(w)
+    assert (m.semantic_labels(logits) == 0).all()  # the posterior's argmax
+    assert m.semantic_log_class_weight[4] == 0  # absent class: no correction (log 0 would be -inf)
+    # saved with the model: a fresh model loading the state dict decodes the same way
+    m2 = tiny("semantic")
+    m2.load_state_dict(m.state_dict())
+    assert (m2.semantic_labels(logits) == 0).all()
+    m.set_semantic_class_weight(None)
+    assert (m.semantic_labels(logits) == 1).all()
+
+
+@pytest.mark.parametrize(
+    "weight, match", [(torch.ones(4), "expected shape"), (torch.tensor([1.0, -1, 1, 1, 1]), "finite and >= 0")]
+)
+def test_bad_semantic_class_weights_are_refused(weight, match):
+    with pytest.raises(ValueError, match=match):
+        tiny("semantic").set_semantic_class_weight(weight)

@@ -190,9 +190,31 @@ def test_dead_code_restart(ema):
     assert q.usage_stats()["steps"] == (4 if not ema else 3)
 
 
+@pytest.mark.parametrize("sampling", ["error", "uniform"])
+def test_restart_sampling_favours_badly_quantized_latents(sampling):
+    """1020 latents sit on the one live code and 4 lie far from it: D^2 seeding gives the 7 dead codes to the 4
+    outliers (weights ~ 100 against ~1e-6); a uniform draw of 7 of 1024 rows almost never picks all 4."""
+    torch.manual_seed(0)
+    k, d = 8, 2
+    q = VectorQuantizer(k, d, restart_after=1, restart_sampling=sampling, backend="ref", init_from_data=False)
+    with torch.no_grad():
+        q.embedding.weight.zero_()
+        q.embedding.weight[1:] = 50.0  # codes 1.. far from everything: only code 0 is chosen, the rest are dead
+    outliers = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0], [0.0, -10.0]])
+    flat = torch.cat([1e-3 * torch.randn(1020, d), outliers])  # (N, D) latents
+    q(flat.t().reshape(1, d, 32, 32))  # (1, D, 32, 32): row n of `flat` is latent n
+    new_codes = q.codebook().detach()[1:]  # (7, D) the re-seeded codes
+    hit = [bool((new_codes - o).norm(dim=1).min() < 1e-6) for o in outliers]
+    assert q.usage_stats()["restarts"] == k - 1
+    assert all(hit) if sampling == "error" else not all(hit)
+
+
 def test_defaults_restart_dead_codes():
     q = VectorQuantizer(8, 4, init_from_data=False)
     assert (q.restart_after, q.ema, q.grad, q.cosine, q.code_dim, q.beta) == (100, False, "ste", False, 4, 0.25)
+    assert q.restart_sampling == "uniform"
+    with pytest.raises(ValueError, match="restart_sampling"):
+        VectorQuantizer(8, 4, restart_sampling="random")
     q_off = VectorQuantizer(8, 4, restart_after=0, init_from_data=False)
     assert "restart_offset" not in dict(q_off.named_buffers())
     z = _latents(b=1, d=4, h=2, w=2)

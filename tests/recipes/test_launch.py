@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
+from svq_fast.train.data import resolve_shards
 from svq_fast.train.pretrained import load_gpt, load_stage1
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +75,11 @@ def test_stage1_two_ranks_trains_and_exports(stage1_run):
     assert "g_adv" in hist[-1] and "d_loss" in hist[-1]  # the GAN terms were active at the end
     model, cfg = load_stage1(str(run / "export"))
     assert cfg.model.kind == "svq" and model.quantizer_x.codebook_size == cfg.quantizer.image_codebook_size
+    # the export records the class weights the semantic CE trained with, so labels are read off logits - log w
+    counts = class_pixel_counts(resolve_shards(cfg.data, "train", 0), cfg.model.num_classes)
+    weight = balanced_class_weights(counts, cfg.loss.semantic_class_balance)
+    assert cfg.loss.semantic_class_balance > 0 and bool((weight > 0).all())
+    torch.testing.assert_close(model.semantic_log_class_weight, weight.log())
     events = list((run / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1  # rank 0 only
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -14,6 +14,7 @@ from torch import nn
 from svq_fast.config import QuantizerConfig, SVQModelConfig
 from svq_fast.nn.quantizer import VectorQuantizer
 from svq_fast.nn.semantic_input import SemanticConv
+from svq_fast.nn.semantic_patch import SemanticPatchEmbed
 
 from .decoder import Decoder
 from .encoder import Encoder
@@ -54,6 +55,7 @@ class SVQModel(nn.Module):
             ema=qcfg.ema,
             ema_decay=qcfg.ema_decay,
             restart_after=qcfg.restart_after,
+            restart_sampling=qcfg.restart_sampling,
             usage_window=qcfg.usage_window,
             deterministic=qcfg.deterministic,
             init_from_data=qcfg.init_from_data,
@@ -65,9 +67,18 @@ class SVQModel(nn.Module):
             self.decoder_x = Decoder(in_channels=zx + zs, out_channels=3, **shape)
         if self.has_semantic:
             self.quant_s = nn.Conv2d(zs, zs, 1)
+            # optional semantic-only path: each latent's f x f label patch, embedded linearly, added to z_s
+            self.patch_s = (
+                SemanticPatchEmbed(cfg.num_classes, zs, cfg.downsampling, ignore_index=cfg.ignore_index)
+                if cfg.semantic_patch_input
+                else None
+            )
             self.quantizer_s = VectorQuantizer(qcfg.semantic_codebook_size, zs, **q)
             self.post_quant_s = nn.Conv2d(zs, zs, 1)
             self.decoder_s = self._semantic_decoder(cfg, zs, shape)
+            # (C,) log of the semantic cross-entropy's class weights, set by the trainer (zeros: plain CE).
+            # A weighted CE is minimised by softmax(logits) ~ w_c p(c | z): labels are read off logits - log w.
+            self.register_buffer("semantic_log_class_weight", torch.zeros(cfg.num_classes))
         # Learned fill for the hidden image when training for reference-free semantic encoding.
         self.image_fill = nn.Parameter(torch.zeros(1, 3, 1, 1)) if cfg.image_dropout > 0 else None
 
@@ -116,7 +127,10 @@ class SVQModel(nn.Module):
             z_x, loss_x, info_x = self.quantizer_x(self.quant_x(h[:, :zx]))
             out.update(z_x=z_x, vq_loss_x=loss_x, indices_x=info_x["indices"], perplexity_x=info_x["perplexity"])
         if self.has_semantic:
-            z_s, loss_s, info_s = self.quantizer_s(self.quant_s(h[:, zx:]))
+            pre_s = self.quant_s(h[:, zx:])  # (B, zs, h, w)
+            if self.patch_s is not None:
+                pre_s = pre_s + self.patch_s(s)
+            z_s, loss_s, info_s = self.quantizer_s(pre_s)
             out.update(z_s=z_s, vq_loss_s=loss_s, indices_s=info_s["indices"], perplexity_s=info_s["perplexity"])
         return out
 
@@ -139,6 +153,32 @@ class SVQModel(nn.Module):
 
     def decode_semantic(self, z_s: torch.Tensor) -> torch.Tensor:
         return self.decoder_s(self.post_quant_s(z_s))  # (B, num_classes, H, W) logits
+
+    def set_semantic_class_weight(self, weight: torch.Tensor | None) -> None:
+        """Record the (C,) class weights the semantic CE trains with (None: plain CE), so that semantic_labels
+        undoes their bias. Classes with weight 0 (absent from the training data) get no correction."""
+        if weight is None:
+            self.semantic_log_class_weight.zero_()
+            return
+        if weight.shape != self.semantic_log_class_weight.shape:
+            raise ValueError(
+                f"semantic class weights: expected shape {tuple(self.semantic_log_class_weight.shape)} "
+                f"(one per class), got {tuple(weight.shape)}"
+            )
+        if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+            raise ValueError(f"semantic class weights must be finite and >= 0, got {weight.tolist()}")
+        w = weight.detach().double().cpu()
+        log_w = torch.where(w > 0, w.clamp_min(1e-300).log(), 0.0)
+        self.semantic_log_class_weight.copy_(log_w)
+
+    def semantic_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) semantic logits -> (B, H, W) class ids, the argmax of the unweighted posterior.
+
+        Class-balanced CE speeds up learning rare classes, but its minimiser inflates them by w_c (thin classes
+        come out too thick: false positives along their edges). Subtracting log w_c removes exactly that factor
+        (on the tiny sVQGAN, +2.2 points of semantic mIoU at 600 and at 1500 steps)."""
+        bias = self.semantic_log_class_weight.to(logits.device, logits.dtype)
+        return (logits - bias.view(1, -1, 1, 1)).argmax(1)
 
     def decode_indices(self, indices_x: torch.Tensor | None, indices_s: torch.Tensor | None) -> torch.Tensor:
         """Image from token ids (B, h, w): the sampling path."""
