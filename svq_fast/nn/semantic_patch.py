@@ -6,11 +6,13 @@ ignore_index contribute nothing), computed without the one-hot: every pixel of a
 the f * f rows of each patch in one native kernel (CPU and CUDA), so neither the (B, C, H, W) one-hot nor
 per-pixel embeddings are ever held.
 
-Why the coupled models want it (models/svq/model.py, `semantic_patch_input`): in the shared encoder the semantic
-loss enters with weight lambda = 0.1, so Adam's per-parameter normalisation, dominated by the image gradient, moves
-the shared weights ~10x more slowly along the semantic direction than a semantic-only model would. Thin objects
-(1-2 px poles and fences at 64x64) are learned last. This path carries each patch's labels to z_s through weights
-that only the semantic loss trains (the image decoder sees sg[z_s]).
+Why the coupled models want it (models/svq/model.py, `semantic_patch_input`): this path carries each patch's labels
+to z_s through weights that only the semantic loss trains (the image decoder sees sg[z_s]). On the tiny sVQGAN it
+raised held-out semantic mIoU after 100 / 300 steps from 0.30 / 0.76 to 0.73 / 0.85 (single-process probe) and
+after the demo's 600 steps from 83.4% to 89.8%. Our reading (not separately tested): in the shared encoder the
+semantic loss enters with weight lambda = 0.1, so Adam's per-parameter step size, set mostly by the image gradient,
+moves the shared weights slowly along the semantic direction, and the thin objects (1-2 px poles and fences at
+64x64) are learned last.
 """
 
 from __future__ import annotations
