@@ -130,7 +130,8 @@ class Stage1Step:
             reported = reported + sem_total.detach()
             with torch.no_grad():
                 valid = s != cfg.model.ignore_index
-                acc = ((m.semantic_labels(out["s_logits"]) == s) & valid).sum() / valid.sum().clamp_min(1)
+                s_labels = m.semantic_labels(out["s_logits"])  # (B, H, W); also kept for the image grid
+                acc = ((s_labels == s) & valid).sum() / valid.sum().clamp_min(1)
             logs.update(
                 codes_used_s=m.quantizer_s.usage_stats()["usage_fraction"],
                 sem_ce=ce.item(),
@@ -145,8 +146,7 @@ class Stage1Step:
         with self.timer("optimizer"):
             self.gen.step()
         logs["loss"] = reported.item()
-        s_labels = m.semantic_labels(out["s_logits"].detach()) if m.has_semantic else None
-        self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_labels": s_labels}
+        self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_labels": s_labels if m.has_semantic else None}
 
         if self.disc is not None and step >= cfg.loss.disc_start - cfg.loss.disc_warmup:
             b = x.shape[0]
