@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 NPROC ?= 2
 
-.PHONY: venv demo test test-fast lint bench-cpu clean
+.PHONY: venv demo test test-fast lint bench-cpu clean check-sm90
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not slow" tests
+
+# Static Hopper check (no GPU): every Triton kernel x default config x dtype compiled for sm_90a with triton 3.6.0
+# (fetched once into ~/.cache/svq_fast); fails on spills or > 227 KiB shared memory; writes
+# benchmarks/results/sm90_static.md. About two CPU-minutes.
+check-sm90: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/check_sm90.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
