@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_common import JsonlWriter, precision_note  # benchmarks/bench_common.py
 from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH",
                  "sdpa-cudnn": "CUDNN_ATTENTION"}  # fmt: skip
 ALL_PROVIDERS = ["triton", *SDPA_BACKENDS, "xformers", "ref"]
-CUDA_SHAPES = [(32, 16, 512, 64), (16, 16, 1024, 64), (8, 16, 512, 128)]
+# (B, H, T, d): the stage-2 GPT (T 512-1024, d 64) and long sequences at d = 128 (T 2048-8192, ~64k tokens each)
+CUDA_SHAPES = [(32, 16, 512, 64), (16, 16, 1024, 64), (8, 16, 2048, 128), (4, 16, 4096, 128), (1, 16, 8192, 128)]
 CPU_SHAPES = [(2, 4, 256, 64)]
 MODES = ("fwd", "bwd", "fwd+bwd")
 MASKS = ("causal", "prefix")
@@ -56,6 +58,7 @@ def parse_args(argv=None):
                    help="torch.set_num_threads (CPU default 1: on a shared box, OpenMP barriers under "
                    "oversubscription made 2-thread timings 10-500x slower and erratic)")  # fmt: skip
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--jsonl", default=None, help="append each row to this .jsonl file as it is measured")
     p.add_argument("--md", default=None, help="also write the table as markdown here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -221,6 +224,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     env = environment(args.device)
+    env.update(precision_note())
+    print("".join(f"{k}: {v}\n" for k, v in env.items()), flush=True)
+    jsonl = JsonlWriter(args.jsonl, "attention")
     rows = []
     for shape in args.shapes:
         for mask in args.masks:
@@ -245,6 +251,8 @@ def main(argv=None):
                     r["best_sdpa"] = best["provider"] if best else None
                     r["vs_sdpa"] = best["ms"] / r["ms"] if best and r["ms"] else None
                 rows.extend(group)
+                for r in group:
+                    jsonl.write(r)
                 print_rows(group, header=not rows[: -len(group)])
     table = markdown(rows)
     if args.device == "cpu":

@@ -1,5 +1,8 @@
-"""Training throughput of each recipe with the fused ops versus `backend=ref` everywhere, in the same run,
-plus the cost of TensorBoard logging (logging every step on vs. off).
+"""Training throughput of each recipe through the stack (DeepSpeed engine, fused ops), plus the cost of
+TensorBoard logging (logging every step on vs. off). The baseline that matters, the same architecture in plain
+eager torch without fused ops or DeepSpeed, is benchmarks/bench_train_eager.py (run it in the same session;
+gpu_suite.sh does). `--variants ref` swaps only the quantizer / attention backend (under 1% of a stage-1 step).
+Stage 1 reports images/s, stage 2 tokens/s; mfu_measured_peak divides by the bf16 GEMM peak measured here.
 
     python benchmarks/bench_train.py                      # CPU: tiny configs, 1 rank
     python benchmarks/bench_train.py --device cuda --paper --seconds 60 --precision bf16   # GPU suite
@@ -20,14 +23,16 @@ import sys
 import tempfile
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
 from configs import get_config  # noqa: E402
 
 from svq_fast.config import apply_overrides  # noqa: E402
-from svq_fast.train.stage1 import train_stage1  # noqa: E402
-from svq_fast.train.stage2 import train_stage2  # noqa: E402
+from svq_fast.train.stage1 import stage1_flops_per_sample, train_stage1  # noqa: E402
+from svq_fast.train.stage2 import gpt_flops_per_sample, train_stage2  # noqa: E402
 
 
 def _variant_overrides(recipe: str, variant: str) -> list[str]:
@@ -71,7 +76,15 @@ def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | 
     if not hist:
         raise RuntimeError(f"{recipe}/{variant}: fewer than {args.warmup + 1} steps ran in {args.seconds}s")
     sps = sum(h["throughput/samples_per_s"] for h in hist) / len(hist)
+    if recipe == "stage1":
+        rate = {"images_per_s": sps, "flops_per_sample": stage1_flops_per_sample(cfg, torch.device(args.device))}
+    else:
+        rate = {
+            "tokens_per_s": sps * 2 * cfg.model.grid**2,
+            "flops_per_sample": gpt_flops_per_sample(cfg, torch.device(args.device)),
+        }
     return {
+        **rate,
         "recipe": recipe,
         "config": name,
         "variant": variant,
@@ -129,7 +142,18 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="fused,ref,no_tensorboard")
     p.add_argument("--repeats", type=int, default=1, help="runs per variant, interleaved; medians are reported")
     p.add_argument("--out", default="")
+    p.add_argument("--jsonl", default=None, help="append each run's row to this .jsonl file as it finishes")
+    p.add_argument("--smoke", action="store_true", help="tiny configs, 3 steps, CPU (CI: arguments and plumbing)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.paper, args.steps, args.warmup, args.seconds, args.micro_batch = False, 3, 1, 0.0, 2
+        args.samples, args.precision, args.variants = 16, "fp32", "fused"
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_common import JsonlWriter
+    from bench_train_eager import gemm_peak_tflops
+
+    peak = gemm_peak_tflops(args.device)  # the MFU denominator, measured here (bf16 GEMM on CUDA)
+    jsonl = JsonlWriter(args.jsonl, "train")
     if args.device == "cpu":
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -142,7 +166,10 @@ def main(argv=None) -> int:
                 for variant in args.variants.split(","):
                     row = measure(recipe, variant, args, work, stage1_export)
                     row["repeat"] = repeat
+                    row["gemm_peak_tflops"] = peak
+                    row["mfu_measured_peak"] = row["flops_per_sample"] * row["samples_per_s"] / (peak * 1e12)
                     rows.append(row)
+                    jsonl.write({k: v for k, v in row.items() if k != "export"})
                     if recipe == "stage1" and variant == "fused" and stage1_export is None:
                         stage1_export = row["export"]
                     print(

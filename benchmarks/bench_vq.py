@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import JsonlWriter, peak_mib, precision_note, time_ms  # benchmarks/bench_common.py
 from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 from memory import cpu_alloc_peak_mib  # benchmarks/memory.py (the script folder is on sys.path)
 
@@ -53,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PROVIDERS = ("triton", "native", "ref", "vqp", "gemm")
 MODES = ("forward", "backward", "forward+backward")
 SHAPES = ((8192, 16384, 256), (8192, 4096, 256), (8192, 16384, 8), (2048, 16384, 256))
+CUDA_EXTRA_SHAPES = ((65536, 16384, 256), (65536, 1024, 64))  # a batch of 16 latent maps 64x64 (N >= 65536)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BETA = 0.25
 
@@ -60,8 +62,8 @@ BETA = 0.25
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES), help="NxKxD[,NxKxD...]")
+    p.add_argument("--dtype", default="fp32", help=f"comma list from {list(DTYPES)}, e.g. bf16,fp32")
+    p.add_argument("--shapes", default=None, help="NxKxD[,NxKxD...] (default: the issue shapes; cuda adds N=65536)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {PROVIDERS}")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list from {MODES}")
     p.add_argument("--reps", type=int, default=3, help="timed runs per row (after one warm-up)")
@@ -72,8 +74,16 @@ def parse_args(argv=None):
                         "providers' timed runs alternate: fairer ratios on a shared, noisy machine)")  # fmt: skip
     p.add_argument("--md", default=None, help="also write the table as markdown here")
     p.add_argument("--out", default=None, help="write the rows as a JSON list here")
+    p.add_argument("--jsonl", default=None, help="append each row to this .jsonl file as it is measured")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one provider, print JSON
     args = p.parse_args(argv)
+    args.dtypes = [x for x in args.dtype.split(",") if x]
+    if not args.dtypes or any(x not in DTYPES for x in args.dtypes):
+        p.error(f"--dtype takes a comma list from {list(DTYPES)}, got {args.dtype!r}")
+    args.dtype = args.dtypes[0]
+    if args.shapes is None:
+        shapes = (*CUDA_EXTRA_SHAPES, *SHAPES) if args.device == "cuda" else SHAPES
+        args.shapes = ",".join("x".join(map(str, s)) for s in shapes)
     args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
     args.providers = [s for s in args.providers.split(",") if s]
     args.modes = [s for s in args.modes.split(",") if s]
@@ -240,10 +250,13 @@ def _mode_fns(fwd, bwd, z, e, mode):
 
 
 def _row(provider, n, k, d, args, mode, ms, peak, reps):
-    print(f"  {provider:7s} {n}x{k}x{d} {mode:17s} {ms:10.1f} ms  {peak:9.1f} MiB  ({reps} reps)",
+    peak = peak or 0.0
+    print(f"  {provider:7s} {args.dtype} {n}x{k}x{d} {mode:17s} {ms:10.3f} ms  {peak:9.1f} MiB  ({reps} reps)",
           file=sys.stderr, flush=True)  # fmt: skip
-    return dict(provider=provider, device=args.device, N=n, K=k, D=d, dtype=args.dtype, mode=mode,
-                ms_median=round(ms, 2), peak_mem_mib=round(peak, 1), reps=reps)  # fmt: skip
+    row = dict(provider=provider, device=args.device, N=n, K=k, D=d, dtype=args.dtype, mode=mode,
+               ms_median=round(ms, 4), peak_mem_mib=round(peak, 1), reps=reps)  # fmt: skip
+    JsonlWriter(args.jsonl, "vq").write(row)
+    return row
 
 
 def _bench_shape(provider: str, n: int, k: int, d: int, args) -> list[dict]:
@@ -257,6 +270,10 @@ def _bench_shape(provider: str, n: int, k: int, d: int, args) -> list[dict]:
         ms, peak, reps = _measure(prepare, call, args.device, args.reps, args.budget_s)
         rows.append(_row(provider, n, k, d, args, mode, ms, peak, reps))
     return rows
+
+
+def _once(prepare, call):
+    call(prepare())
 
 
 def run_interleaved(args) -> list[dict]:
@@ -276,6 +293,16 @@ def run_interleaved(args) -> list[dict]:
         steps = {p: _make_step(p, z, e, g) for p in providers}
         for mode in args.modes:
             fns = {p: _mode_fns(*steps[p], z, e, mode) for p in providers if not (p == "gemm" and mode == "backward")}
+            if device == "cuda":  # CUDA events per call (do_bench when nothing needs untimed set-up)
+                for p, (prepare, call) in fns.items():
+                    once = functools.partial(_once, prepare, call)
+                    peak = peak_mib(once, device)
+                    if mode == "backward":
+                        ms, n_reps = time_ms(call, device, prepare=prepare, budget_s=args.budget_s)
+                    else:
+                        ms, n_reps = time_ms(once, device, budget_s=args.budget_s)
+                    rows.append(_row(p, n, k, d, args, mode, ms, peak, n_reps))
+                continue
             peaks, times, reps = {}, {p: [] for p in fns}, {}
             for p, (prepare, call) in fns.items():
                 first_ms, peaks[p], _ = _measure(prepare, call, device, 0, 0.0)  # warm-up + memory only
@@ -307,17 +334,19 @@ def _machine(device: str) -> str:
 
 def table_lines(rows: list[dict]) -> list[str]:
     ok = [r for r in rows if "skipped" not in r]
-    base = {(r["N"], r["K"], r["D"], r["mode"], r["provider"]): r for r in ok}
-    head = f"{'provider':8s} {'N':>6s} {'K':>6s} {'D':>4s} {'mode':17s} {'ms':>9s} {'peak MiB':>9s} "
+    base = {(r["N"], r["K"], r["D"], r["mode"], r["provider"], r["dtype"]): r for r in ok}
+    head = f"{'provider':13s} {'N':>6s} {'K':>6s} {'D':>4s} {'mode':17s} {'ms':>9s} {'peak MiB':>9s} "
     head += f"{'time/ref':>8s} {'mem/ref':>8s} {'time/gemm':>9s} {'reps':>4s}"
     lines = [head, "-" * len(head)]
-    for r in sorted(ok, key=lambda r: (r["N"], r["K"], r["D"], MODES.index(r["mode"]), PROVIDERS.index(r["provider"]))):
+    order = lambda r: (r["dtype"], r["N"], r["K"], r["D"], MODES.index(r["mode"]), PROVIDERS.index(r["provider"]))  # noqa: E731
+    for r in sorted(ok, key=order):
         key = (r["N"], r["K"], r["D"], r["mode"])
-        ref, gemm = base.get((*key, "ref")), base.get((*key, "gemm"))
+        ref, gemm = base.get((*key, "ref", r["dtype"])), base.get((*key, "gemm", r["dtype"]))
         tr = f"{r['ms_median'] / ref['ms_median']:.2f}" if ref else "-"
         mr = f"{r['peak_mem_mib'] / ref['peak_mem_mib']:.3f}" if ref and ref["peak_mem_mib"] > 0 else "-"
         tg = f"{r['ms_median'] / gemm['ms_median']:.2f}" if gemm else "-"
-        lines.append(f"{r['provider']:8s} {r['N']:6d} {r['K']:6d} {r['D']:4d} {r['mode']:17s} {r['ms_median']:9.1f} "
+        lines.append(f"{r['provider'] + ' ' + r['dtype']:13s} {r['N']:6d} {r['K']:6d} {r['D']:4d} {r['mode']:17s} "
+                     f"{r['ms_median']:9.3f} "
                      f"{r['peak_mem_mib']:9.1f} {tr:>8s} {mr:>8s} {tg:>9s} {r['reps']:4d}")  # fmt: skip
     for r in rows:
         if "skipped" in r:
@@ -357,9 +386,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t_start, load_start = time.perf_counter(), _loadavg()
     layout = "isolated processes" if args.isolate else "one process, interleaved"
-    header = f"bench_vq on {_machine(args.device)}, dtype {args.dtype}, {layout}, loadavg(1m) at start {load_start}"
+    header = f"bench_vq on {_machine(args.device)}, dtypes {','.join(args.dtypes)}, {layout}, "
+    header += f"loadavg(1m) at start {load_start}, matmul precision {precision_note()}"
     print(f"# {header}", flush=True)
-    rows = _run_isolated(args) if args.isolate else run_interleaved(args)
+    rows = []
+    for dt in args.dtypes:
+        args.dtype = dt
+        rows += _run_isolated(args) if args.isolate else run_interleaved(args)
     lines = table_lines(rows)
     footer = f"total {time.perf_counter() - t_start:.0f} s, loadavg(1m) at end {_loadavg()}"
     print("\n".join(lines))

@@ -1,63 +1,116 @@
 #!/usr/bin/env bash
-# One command that checks and times everything GPU-side (DESIGN.md section 7), in under 8 minutes:
-#   bash benchmarks/gpu_suite.sh --out DIR      # on a machine with one CUDA GPU
-#   bash benchmarks/gpu_suite.sh --dry-run      # anywhere: list the steps and check their scripts exist
-# Installs the wheels carried in .whl/ (if present) without network, runs `pytest -m gpu`, the kernel
-# benchmarks and short paper-size training-throughput runs of both recipes, prints a summary table last,
-# and writes every log and JSON result to --out (default benchmarks/results/gpu-<date>).
+# One command that checks and times everything GPU-side (DESIGN.md section 7) within one 10-minute lease:
+#   bash benchmarks/gpu_suite.sh --out DIR      # one CUDA GPU: <= 470 s in all (per-step budgets below)
+#   bash benchmarks/gpu_suite.sh --dry-run      # anywhere: list the steps, their budgets, check the scripts exist
+#   bash benchmarks/gpu_suite.sh --smoke --out DIR   # CPU, tiny sizes: every step's arguments really run (CI)
+# Files written to --out (7 at most, so that all come back from an 8-file lease): suite.log (every step's output),
+# rows.jsonl (one JSON row per measurement, appended as measured: a killed step keeps its rows), device.json,
+# pytest-gpu.xml, and at the end results.tgz (all of it), summary.md, summary.json. The last thing printed is the
+# ratio table of summarize_results.py (every ratio against its baseline from this run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 OUT="benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)"
 DRY=0
+SMOKE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#--out=}"; shift ;;
     --dry-run) DRY=1; shift ;;
-    *) echo "unknown argument $1 (use --out DIR, --dry-run)" >&2; exit 2 ;;
+    --smoke) SMOKE=1; shift ;;
+    *) echo "unknown argument $1 (use --out DIR, --dry-run, --smoke)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
+BUDGET=${SVQ_SUITE_BUDGET_S:-470}  # whole suite, seconds: a 540 s command limit leaves room for a rerun
+# Wheels the image lacks (deepspeed, webdataset, ...) go into this folder, first on PYTHONPATH for every step;
+# exported here, in the script's own shell, so every step's `bash -c` inherits it.
+TARGET=${SVQ_FAST_TARGET:-/tmp/svq_fast_site}
+export PYTHONPATH="$ROOT:$TARGET${PYTHONPATH:+:$PYTHONPATH}"
+export SVQ_FAST_NO_EXT=1 PYTHONUNBUFFERED=1
+unset SVQ_FAST_AUTOTUNE  # pinned configs: no cold autotune storm (the autotune smoke tests set it themselves)
+J="$OUT/rows.jsonl"
 
-# name | time limit (s) | command
+SCALE=1
+if [ "$SMOKE" = 1 ]; then
+  DEV=cpu
+  SCALE=4  # a shared CPU is slow (DeepSpeed JIT-builds its shm op on first use): the budgets stretch, not the GPU's
+  export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1
+  PYTEST_ARGS="--collect-only"
+  VQ="--device cpu --dtype bf16,fp32 --shapes 64x128x16 --providers ref,gemm --modes forward+backward --reps 1"
+  ATTN="--device cpu --dtype fp32 --shapes 1,2,64,32 --providers sdpa-math,ref --modes fwd+bwd --masks causal,prefix --reps 1"
+  OPS="--smoke"
+  TRAIN="--smoke"
+  EAGER="--smoke"
+else
+  DEV=cuda
+  PYTEST_ARGS=""
+  VQ="--device cuda --dtype bf16,fp32 --providers triton,ref,gemm,vqp --modes forward,forward+backward --budget-s 0.3"
+  VQ="$VQ --shapes 65536x16384x256,8192x16384x256,65536x1024x64,8192x16384x8"
+  ATTN="--device cuda --dtype bf16 --providers triton,sdpa-flash,sdpa-efficient,sdpa-cudnn,xformers --modes fwd,fwd+bwd"
+  OPS="--device cuda --dtype bf16"
+  TRAIN="--device cuda --paper --precision bf16 --seconds 12 --steps 1000 --warmup 3 --micro-batch 8 --samples 256 --variants fused"
+  EAGER="--device cuda --paper --precision bf16 --seconds 12 --steps 1000 --warmup 3 --micro-batch 8"
+fi
+
+# name | budget (s, SIGINT at budget - 8, SIGKILL at budget) | command. Budgets sum to 465 s.
 STEPS=(
-  "env|30|$PY benchmarks/device_info.py --out $OUT/device.json"
-  "install|120|bash benchmarks/install_offline.sh"
-  "pytest-gpu|150|$PY -m pytest -q -m gpu tests -p no:cacheprovider --junitxml=$OUT/pytest-gpu.xml"
-  "bench-vq|75|$PY benchmarks/bench_vq.py --device cuda --dtype bf16,fp32 --out $OUT/bench_vq.json"
-  "bench-attention|75|$PY benchmarks/bench_attention.py --device cuda --dtype bf16 --out $OUT/bench_attention.json"
-  "bench-sampling|40|$PY benchmarks/bench_sampling.py --device cuda --out $OUT/bench_sampling.json"
-  "train-throughput|200|$PY benchmarks/bench_train.py --device cuda --paper --precision bf16 --seconds 20 --steps 1000 --warmup 2 --micro-batch 8 --samples 512 --variants fused,ref --out $OUT/bench_train.json"
+  "env|15|$PY benchmarks/device_info.py --out $OUT/device.json"
+  "install|30|bash benchmarks/install_offline.sh $TARGET"
+  "pytest-gpu|90|$PY -m pytest -q -m gpu tests/kernels -p no:cacheprovider $PYTEST_ARGS --junitxml=$OUT/pytest-gpu.xml"
+  "bench-vq|65|$PY benchmarks/bench_vq.py $VQ --jsonl $J"
+  "bench-attention|75|$PY benchmarks/bench_attention.py $ATTN --jsonl $J"
+  "bench-ops|35|$PY benchmarks/bench_ops.py $OPS --jsonl $J"
+  "train-stack|90|$PY benchmarks/bench_train.py $TRAIN --jsonl $J"
+  "train-eager|55|$PY benchmarks/bench_train_eager.py $EAGER --jsonl $J"
+  "summarize|10|$PY benchmarks/summarize_results.py $OUT --write"
 )
 
 if [ "$DRY" = 1 ]; then
-  echo "gpu_suite dry run: results would go to $OUT"
+  echo "gpu_suite dry run: results would go to $OUT (suite budget ${BUDGET}s, PYTHONPATH $PYTHONPATH)"
   missing=0
+  total=0
   for s in "${STEPS[@]}"; do
     IFS='|' read -r name limit cmd <<< "$s"
     script=$(echo "$cmd" | awk '{for (i=1;i<=NF;i++) if ($i ~ /\.(py|sh)$/) {print $i; exit}}')
     if [ -n "$script" ] && [ ! -f "$script" ]; then echo "MISSING $script (step $name)"; missing=1; fi
-    printf '%-18s limit %4ss  %s\n' "$name" "$limit" "$cmd"
+    total=$((total + limit))
+    printf '%-16s budget %4ss  %s\n' "$name" "$limit" "$cmd"
   done
+  echo "sum of step budgets: ${total}s (suite budget ${BUDGET}s)"
+  [ "$total" -le "$BUDGET" ] || { echo "OVER BUDGET"; missing=1; }
   exit $missing
 fi
 
-declare -a SUMMARY
+mkdir -p "$OUT"
+LOG="$OUT/suite.log"
+: > "$LOG"
 suite_start=$SECONDS
 for s in "${STEPS[@]}"; do
   IFS='|' read -r name limit cmd <<< "$s"
-  echo "=== $name (limit ${limit}s): $cmd"
+  limit=$((limit * SCALE))
+  left=$((BUDGET * SCALE - (SECONDS - suite_start)))
+  [ "$limit" -gt "$left" ] && limit=$left  # never run past the suite budget
+  if [ "$limit" -lt 10 ]; then
+    echo "{\"bench\": \"suite\", \"step\": \"$name\", \"status\": \"skipped (suite budget spent)\", \"seconds\": 0}" >> "$J"
+    echo "--- $name skipped: suite budget spent"
+    continue
+  fi
+  echo "=== $name (budget ${limit}s): $cmd" >> "$LOG"
   t0=$SECONDS
-  timeout "$limit" bash -c "$cmd" > "$OUT/$name.log" 2>&1
+  # SIGINT first (pytest writes its junit file, Python benchmarks unwind), SIGKILL 8 s later.
+  timeout -s INT -k 8 "$((limit - 8))" bash -c "$cmd" >> "$LOG" 2>&1
   rc=$?
   dt=$((SECONDS - t0))
-  status=ok; [ $rc -eq 124 ] && status=timeout; [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="failed($rc)"
-  tail -n 25 "$OUT/$name.log"
-  SUMMARY+=("$(printf '%-18s %-12s %5ss' "$name" "$status" "$dt")")
+  status=ok
+  case $rc in 0) ;; 124|130|137) status=timeout ;; *) status="failed($rc)" ;; esac
+  [ "$name" = pytest-gpu ] && [ $rc -eq 1 ] && status="tests failed"
+  echo "{\"bench\": \"suite\", \"step\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $dt, \"budget\": $limit}" >> "$J"
+  echo "--- $name: $status in ${dt}s (budget ${limit}s)"
+  [ "$status" = ok ] || tail -n 6 "$LOG" | sed 's/^/    /'
 done
 
-echo
-echo "=== summary (total $((SECONDS - suite_start))s, results in $OUT)"
-$PY benchmarks/summarize_results.py "$OUT" || true
-printf '%s\n' "${SUMMARY[@]}"
+tar -czf "$OUT/results.tgz" -C "$OUT" $(cd "$OUT" && ls | grep -v '^results.tgz$') 2>/dev/null
+echo "=== total $((SECONDS - suite_start))s, results in $OUT ($(ls "$OUT" | wc -l) files)"
+$PY benchmarks/summarize_results.py "$OUT" --table-only

@@ -1,0 +1,95 @@
+"""Timing and result-writing helpers shared by the GPU-suite benchmarks.
+
+- time_ms: on CUDA, triton.testing.do_bench (CUDA events around many launches, L2 flushed, median) or, when each
+  call needs untimed set-up (backward-only modes), CUDA events around the call alone; on CPU, the median of
+  perf_counter runs after a warm-up.
+- JsonlWriter: appends one JSON row per measurement and flushes it at once, so a benchmark killed by the suite's
+  timeout keeps every row it measured.
+- precision_note: the matmul precision settings that decide whether fp32 GEMMs use TF32 tensor cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, *, prepare=None, reps: int | None = None, budget_s: float = 1.0) -> tuple[float, int]:
+    """Median ms of fn() (or fn(prepare()) with prepare untimed) -> (ms, timed runs)."""
+    if device == "cuda" and prepare is None:
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, warmup=10, rep=max(20, int(budget_s * 200)), return_mode="median")
+        return float(ms), -1  # do_bench picks the repetition count itself
+    call = (lambda st: fn(st)) if prepare is not None else (lambda st: fn())
+    prep = prepare or (lambda: None)
+    t0 = time.perf_counter()
+    call(prep())  # warm-up (compile, allocator)
+    sync(device)
+    first = time.perf_counter() - t0
+    n = reps or max(3, min(50, int(budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(n):
+        state = prep()
+        sync(device)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call(state)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            call(state)
+            times.append((time.perf_counter() - t0) * 1e3)
+        state = None
+    return statistics.median(times), n
+
+
+def peak_mib(fn, device: str) -> float | None:
+    """Extra CUDA memory fn() allocates at its peak (None on CPU)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def precision_note() -> dict:
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+    }
+
+
+class JsonlWriter:
+    """Append rows to a .jsonl file as they are measured (no-op without a path)."""
+
+    def __init__(self, path: str | None, bench: str):
+        self.path, self.bench = (Path(path) if path else None), bench
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> dict:
+        row = {"bench": self.bench, **row}
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return row

@@ -1,0 +1,168 @@
+"""The baseline for bench_train.py: the same architectures trained in plain eager torch, as a user without this
+stack would: no fused ops (reference VQ, one-hot + conv semantic input, SDPA attention, full-logit
+cross-entropy), no DeepSpeed, torch.optim.AdamW, bf16 autocast, random inputs already on the device.
+
+    python benchmarks/bench_train_eager.py --device cuda --paper --seconds 20 --jsonl rows.jsonl
+    python benchmarks/bench_train_eager.py --smoke               # tiny configs, CPU, a few steps (CI)
+
+Stage 1 step: generator fwd + bwd on (L1 + adversarial + vq) image loss and (CE + vq) semantic loss, the
+discriminator on real + fake (hinge) and its step; no LPIPS (the GPU image has no VGG weights). Stage 2 step:
+SemanticGPT (attn_backend="sdpa", chunked_ce=False) fwd + bwd + step on random token sequences.
+Rows: images_per_s (stage 1) / tokens_per_s (stage 2), and MFU = FLOPs per sample (svq_fast.train's counters,
+the ones the stack reports) x samples/s / the bf16 GEMM peak measured on this machine in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from bench_common import JsonlWriter, precision_note, sync, time_ms  # benchmarks/bench_common.py
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+sys.path.insert(0, ROOT)
+
+from configs import get_config  # noqa: E402
+
+from svq_fast.models.gpt import SemanticGPT  # noqa: E402
+from svq_fast.models.svq import PatchDiscriminator, SVQModel  # noqa: E402
+from svq_fast.nn.semantic_input import SemanticConv  # noqa: E402
+
+
+def gemm_peak_tflops(device: str, n: int = 8192) -> float:
+    """Measured bf16 (CUDA) / fp32 (CPU) GEMM throughput: the MFU denominator."""
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    n = n if device == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    ms, _ = time_ms(lambda: a @ b, device, budget_s=0.5)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _eager_svq(cfg):
+    model = SVQModel(cfg.model, dataclasses.replace(cfg.quantizer, backend="ref"))
+    for m in model.modules():
+        if isinstance(m, SemanticConv):
+            m.backend = "ref"  # one-hot + F.conv2d
+    return model
+
+
+def _run(step, seconds: float, steps: int, warmup: int, device: str) -> tuple[int, float]:
+    """Run warm-up steps, then timed steps until `steps` or `seconds` -> (timed steps, seconds)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    while n < steps and (seconds <= 0 or time.perf_counter() - t0 < seconds):
+        step()
+        n += 1
+    sync(device)
+    return n, time.perf_counter() - t0
+
+
+def stage1(args, peak: float) -> dict:
+    from svq_fast.train.stage1 import stage1_flops_per_sample
+
+    cfg = get_config("svqgan_f16_256" if args.paper else "svqgan_tiny")
+    dev, b, size = args.device, args.micro_batch, cfg.model.image_size
+    gen = _eager_svq(cfg).to(dev)
+    disc = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers).to(dev)
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=1e-4, fused=dev == "cuda")
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=1e-4, fused=dev == "cuda")
+    x = torch.rand(b, 3, size, size, device=dev) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    s = torch.randint(0, cfg.model.num_classes, (b, size, size), device=dev)  # (B, H, W)
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step():
+        with amp:
+            out = gen(x if gen.has_image else None, s if gen.has_semantic else None)
+            loss = torch.zeros((), device=dev)
+            if gen.has_image:
+                x_hat = out["x_hat"]
+                loss = loss + (x_hat.float() - x).abs().mean() + out["vq_loss_x"]
+                for p in disc.parameters():
+                    p.requires_grad_(False)
+                loss = loss - 0.1 * disc(x_hat).float().mean()  # generator hinge term
+                for p in disc.parameters():
+                    p.requires_grad_(True)
+            if gen.has_semantic:
+                loss = loss + F.cross_entropy(out["s_logits"].float(), s, ignore_index=255) + out["vq_loss_s"]
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        if gen.has_image:
+            with amp:
+                logits = disc(torch.cat([x, out["x_hat"].detach()])).float()
+                d_loss = F.relu(1 - logits[:b]).mean() + F.relu(1 + logits[b:]).mean()
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+
+    n, sec = _run(step, args.seconds, args.steps, args.warmup, dev)
+    flops = stage1_flops_per_sample(cfg, torch.device(dev))
+    ips = n * b / sec
+    return dict(recipe="stage1", config=cfg.run.name, variant="eager", images_per_s=ips, samples_per_s=ips,
+                mfu=flops * ips / (peak * 1e12), steps=n, micro_batch=b)  # fmt: skip
+
+
+def stage2(args, peak: float) -> dict:
+    from svq_fast.train.stage2 import gpt_flops_per_sample
+
+    cfg = get_config("gpt_f16_256" if args.paper else "gpt_tiny")
+    dev, b = args.device, args.micro_batch
+    model = SemanticGPT(dataclasses.replace(cfg.model, attn_backend="sdpa"), chunked_ce=False).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
+    n_tok = cfg.model.grid**2
+    sem = torch.randint(0, cfg.model.semantic_vocab, (b, n_tok), device=dev)  # (B, grid^2)
+    img = torch.randint(0, cfg.model.image_vocab, (b, n_tok), device=dev)  # (B, grid^2)
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step():
+        with amp:
+            _, loss = model(sem, img)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    n, sec = _run(step, args.seconds, args.steps, args.warmup, dev)
+    flops = gpt_flops_per_sample(cfg, torch.device(dev))
+    sps = n * b / sec
+    return dict(recipe="stage2", config=cfg.run.name, variant="eager", samples_per_s=sps,
+                tokens_per_s=sps * 2 * n_tok, mfu=flops * sps / (peak * 1e12), steps=n, micro_batch=b)  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--paper", action="store_true", help="paper-size configs (GPU)")
+    p.add_argument("--recipes", default="stage1,stage2")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--smoke", action="store_true", help="tiny configs, 2 steps, CPU (CI)")
+    p.add_argument("--jsonl", default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.paper, args.micro_batch, args.steps, args.warmup, args.seconds = False, 2, 2, 1, 0.0
+        args.precision = "fp32"
+    peak = gemm_peak_tflops(args.device)
+    print(f"bench_train_eager on {args.device}: GEMM peak {peak:.1f} TFLOP/s, {precision_note()}", flush=True)
+    out = JsonlWriter(args.jsonl, "train")
+    for recipe in args.recipes.split(","):
+        row = {"stage1": stage1, "stage2": stage2}[recipe](args, peak)
+        row.update(device=args.device, precision=args.precision, gemm_peak_tflops=peak)
+        out.write(row)
+        rate = f"{row['images_per_s']:.2f} images/s" if recipe == "stage1" else f"{row['tokens_per_s']:.0f} tokens/s"
+        print(f"{recipe} eager: {rate}, MFU {row['mfu']:.3f} ({row['steps']} steps)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
