@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from svq_fast.kernels._tuning import autotune_enabled, pow2_bucket
+
 __all__ = [
     "HEAD_DIMS",
     "attention_ref",
@@ -56,6 +58,8 @@ __all__ = [
     "FlashAttentionFunction",
 ]
 
+# Autotune-key-only kernel arguments: never specialised (value 1 would otherwise compile a second binary).
+_KEY_ONLY = ["T_BUCKET", "TQ_BUCKET", "MASK_KIND"]
 # Decided once, at import: the interpreter must be on before the @triton.jit functions below are defined.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 128)
@@ -157,7 +161,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KEY_ONLY)
 def _attn_fwd(
     Q,
     K,
@@ -186,6 +190,8 @@ def _attn_fwd(
     PREFIX,
     sm_scale,
     T_BUCKET,  # autotune key only (power-of-two bucket of T_K), unused in the body
+    TQ_BUCKET,  # autotune key only (power-of-two bucket of T_Q)
+    MASK_KIND,  # autotune key only: 0 causal, 1 prefix-causal, 2 full
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -337,7 +343,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KEY_ONLY)
 def _attn_bwd_dkdv(
     Q,
     K,
@@ -377,6 +383,8 @@ def _attn_bwd_dkdv(
     PREFIX,
     sm_scale,
     T_BUCKET,  # autotune key only
+    TQ_BUCKET,  # autotune key only
+    MASK_KIND,  # autotune key only
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query block (inner loop)
     BLOCK_N: tl.constexpr,  # key block (this program)
@@ -489,7 +497,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KEY_ONLY)
 def _attn_bwd_dq(
     Q,
     K,
@@ -524,6 +532,8 @@ def _attn_bwd_dq(
     PREFIX,
     sm_scale,
     T_BUCKET,  # autotune key only
+    TQ_BUCKET,  # autotune key only
+    MASK_KIND,  # autotune key only
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query block (this program)
     BLOCK_N: tl.constexpr,  # key block (inner loop)
@@ -585,18 +595,43 @@ def _configs(pairs):
 
 
 def _prune(configs, named_args, **kwargs):
-    # Blocks larger than the (bucketed) sequence only add masked work; keep at least one config.
+    # Blocks larger than the (bucketed) sequence only add masked work; configs that spill at d = 128 are kept for
+    # d <= 64 only; keep at least one config.
     t = named_args["T_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(t, 64) and c.kwargs["BLOCK_N"] <= max(t, 64)]
+    big_d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64)) > 64
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= max(t, 64)
+        and c.kwargs["BLOCK_N"] <= max(t, 64)
+        and not (big_d and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in _SPILL_AT_D128)
+    ]
     return kept or configs[:1]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): few configs, because every one is compiled (1-3 s) per head dim,
-# dtype and length bucket. Out-of-shared-memory configs are timed as inf by the autotuner and dropped.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)])
-_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)])
-_KEY = ["T_BUCKET", "HEAD_DIM"]
+# Pinned defaults, (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class (d <= 64 | d = 128),
+# fp16 and bf16 alike: each compiles for sm_90a (triton 3.6) with 0 spills and <= 227 KiB shared memory
+# (benchmarks/results/sm90_static.md). At d = 128 the fp32 accumulators (dK and dV: 2 x BLOCK_N x 128) need 8 warps
+# or a 64-row key block to stay in registers.
+_DEFAULTS = {
+    ("fwd", 64): (128, 64, 4, 3),
+    ("fwd", 128): (128, 64, 8, 3),  # 4 warps spill 252 B at d = 128
+    ("dkdv", 64): (64, 128, 8, 3),
+    ("dkdv", 128): (64, 64, 8, 2),  # 64x128 spills 36-40 B, 64x64 with 4 warps 184 B
+    ("dq", 64): (128, 64, 8, 3),
+    ("dq", 128): (128, 64, 8, 3),  # 4 warps spill at d = 128
+}
+# SVQ_FAST_AUTOTUNE=1 candidates (at most 4 per kernel; compiled per head dim, dtype and key). Every one compiles
+# clean at d = 64 and d = 128, except those in _SPILL_AT_D128, which _prune keeps for d <= 64 only
+# (benchmarks/check_sm90.py --candidates).
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)])
+_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 128, 8, 3)])
+_DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3)])
+_SPILL_AT_D128 = {(128, 64, 4, 3), (64, 128, 8, 3)}
+_TUNED = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+# Autotune key: key length bucket, query length bucket (decoding vs training), mask kind, head dim; the autotuner
+# adds the pointer dtypes.
+_KEY = ["T_BUCKET", "TQ_BUCKET", "MASK_KIND", "HEAD_DIM"]
 if not _INTERPRET:
     _attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
         _attn_fwd
@@ -609,20 +644,43 @@ if not _INTERPRET:
     )
 
 
+def candidate_blocks(d: int) -> list[dict]:
+    """The autotune candidates for head dim d (after the d = 128 filter) as explicit per-kernel configs
+    {"fwd"|"dkdv"|"dq": (BM, BN, warps, stages)}, one dict per candidate index (benchmarks/check_sm90.py)."""
+    per_kind = []
+    for kind in ("fwd", "dkdv", "dq"):
+        cfgs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in _TUNED[kind]]
+        cfgs = [c for c in cfgs if not (d > 64 and c in _SPILL_AT_D128)]
+        per_kind.append(cfgs + cfgs[-1:] * (4 - len(cfgs)))  # pad by repeating (deduplicated by the check)
+    return [dict(zip(("fwd", "dkdv", "dq"), r)) for r in zip(*per_kind)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launchers + autograd
 # ----------------------------------------------------------------------------------------------------
 
 
 def _bucket(t: int) -> int:
-    return min(triton.next_power_of_2(max(t, 16)), 8192)
+    return pow2_bucket(t, 16, 8192)
 
 
-def _fixed_blocks(blocks: tuple[int, int] | None) -> tuple[int, int] | None:
-    """Explicit (BLOCK_M, BLOCK_N) wins; the interpreter defaults to small fixed blocks; None = autotune."""
+def _mask_kind(prefix: int, t_k: int) -> int:
+    return 0 if prefix == 0 else (2 if prefix >= t_k else 1)
+
+
+def _launch_cfg(kind: str, d: int, blocks) -> tuple[int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel, or None to autotune.
+    blocks: None (interpreter: small fixed blocks; GPU: pinned default, autotuned with SVQ_FAST_AUTOTUNE=1),
+    (BLOCK_M, BLOCK_N) pinned by the caller (4 warps, 3 stages), or {kind: (BM, BN, warps, stages)}."""
+    if isinstance(blocks, dict):
+        return blocks[kind]
     if blocks is not None:
-        return blocks
-    return _INTERPRET_BLOCKS if _INTERPRET else None
+        return (*blocks, 4, 3)
+    if _INTERPRET:
+        return (*_INTERPRET_BLOCKS, 4, 3)
+    if autotune_enabled():
+        return None
+    return _DEFAULTS[(kind, 128 if d > 64 else 64)]
 
 
 def _strides(t: torch.Tensor):
@@ -635,14 +693,16 @@ def _fwd(q, k, v, prefix: int, sm_scale: float, blocks):
     o = torch.empty_like(q)  # (B, H, T_q, d)
     lse = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)  # (B, H, T_q) log2 units
     args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o))
-    args += (h, t_q, t_k, prefix, sm_scale, _bucket(t_k))
-    fixed = _fixed_blocks(blocks)
-    if fixed is None:
+    args += (h, t_q, t_k, prefix, sm_scale, _bucket(t_k), _bucket(t_q), _mask_kind(prefix, t_k))
+    cfg = _launch_cfg("fwd", d, blocks)
+    if cfg is None:
         grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
         _attn_fwd_tuned[grid](*args, HEAD_DIM=d)
     else:
-        bm, bn = fixed
-        _attn_fwd[(triton.cdiv(t_q, bm), b * h)](*args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        bm, bn, warps, stages = cfg
+        _attn_fwd[(triton.cdiv(t_q, bm), b * h)](
+            *args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
+        )
     return o, lse
 
 
@@ -657,21 +717,29 @@ def _bwd(do, q, k, v, o, lse, prefix: int, sm_scale: float, blocks):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    common = (h, t_q, t_k, prefix, sm_scale, _bucket(t_k))
+    common = (h, t_q, t_k, prefix, sm_scale, _bucket(t_k), _bucket(t_q), _mask_kind(prefix, t_k))
     dkdv_args = (q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
     dkdv_args += (*_strides(dk), *_strides(dv), *common)
     dq_args = (q, k, v, do, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
     dq_args += (*_strides(dq), *common)
-    fixed = _fixed_blocks(blocks)
-    if fixed is None:
+    cfg = _launch_cfg("dkdv", d, blocks)
+    if cfg is None:
         grid_kv = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h)  # noqa: E731
         _attn_bwd_dkdv_tuned[grid_kv](*dkdv_args, HEAD_DIM=d)
+    else:
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dkdv[(triton.cdiv(t_k, bn), b * h)](
+            *dkdv_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
+        )
+    cfg = _launch_cfg("dq", d, blocks)
+    if cfg is None:
         grid_q = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
         _attn_bwd_dq_tuned[grid_q](*dq_args, HEAD_DIM=d)
     else:
-        bm, bn = fixed
-        _attn_bwd_dkdv[(triton.cdiv(t_k, bn), b * h)](*dkdv_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
-        _attn_bwd_dq[(triton.cdiv(t_q, bm), b * h)](*dq_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dq[(triton.cdiv(t_q, bm), b * h)](
+            *dq_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
+        )
     return dq, dk, dv
 
 
@@ -741,8 +809,8 @@ def flash_attention(
 
     causal=True: query i (at position i + T_k - T_q) sees keys j <= its position, plus keys j < prefix_len.
     causal=False: every key (prefix_len ignored). Differentiable in q, k, v.
-    `_blocks=(BLOCK_M, BLOCK_N)` pins the block sizes of every kernel (tests); default: autotuned on GPU,
-    small fixed blocks in the interpreter."""
+    `_blocks=(BLOCK_M, BLOCK_N)` pins the block sizes of every kernel (tests); default: pinned per-kernel configs
+    on GPU (autotuned with SVQ_FAST_AUTOTUNE=1), small fixed blocks in the interpreter."""
     _check(q, k, v, causal)
     prefix = effective_prefix_len(q.shape[2], k.shape[2], prefix_len, causal)
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)

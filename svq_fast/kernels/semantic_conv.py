@@ -298,6 +298,12 @@ def _block_o(cout: int) -> int:
     return min(128, max(16, triton.next_power_of_2(cout)))
 
 
+def _warps(block_p: int, block_o: int) -> int:
+    """Pinned warp count of the (BLOCK_P, BLOCK_O) tile kernels: a 64 x 128 fp32 tile over 4 warps spills on sm_90a
+    (up to 1036 B, triton 3.6), over 8 warps it does not (benchmarks/results/sm90_static.md)."""
+    return 8 if block_p * block_o >= 64 * 128 else 4
+
+
 def _weight_table(weight: torch.Tensor) -> torch.Tensor:
     """(Cout, C, k, k) -> (C * k * k, Cout) contiguous, row c * k * k + dy * k + dx."""
     cout = weight.shape[0]
@@ -321,7 +327,7 @@ def _triton_forward(labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     grid = (triton.cdiv(n, block_p), triton.cdiv(cout, block_o))
     _sc_forward_kernel[grid](
         labels, table, bias if bias is not None else table, out, n, h, w, cout, ignore_index,
-        KSIZE=k, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=4,
+        KSIZE=k, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=_warps(block_p, block_o),
     )  # fmt: skip
     return out
 
@@ -342,7 +348,7 @@ def _triton_grad_weight(labels, g, weight, ignore_index: int, deterministic: boo
         grid = (triton.cdiv(n, block_p), triton.cdiv(cout, block_o))
         _sc_grad_atomic_kernel[grid](
             labels, g, table, n, h, w, cout, ignore_index, *sg,
-            KSIZE=k, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=4,
+            KSIZE=k, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=_warps(block_p, block_o),
         )  # fmt: skip
         return _table_to_weight(table, weight)
     # Sort pixels by class (ignore pixels get key C and sort last), cut each class's run into chunks of _CHUNK.
@@ -366,7 +372,19 @@ def _triton_grad_weight(labels, g, weight, ignore_index: int, deterministic: boo
     part = torch.empty((m, kk, cout), device=dev, dtype=torch.float32)  # (M, k * k, Cout)
     block_p = 32 if _interpreting() else 64
     _sc_grad_chunk_kernel[(m * kk, triton.cdiv(cout, block_o))](
-        g, order, start, end, part, h, w, cout, *sg, KSIZE=k, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=4
+        g,
+        order,
+        start,
+        end,
+        part,
+        h,
+        w,
+        cout,
+        *sg,
+        KSIZE=k,
+        BLOCK_P=block_p,
+        BLOCK_O=block_o,
+        num_warps=_warps(block_p, block_o),
     )
     table = torch.empty((num_classes * kk, cout), device=dev, dtype=torch.float32)  # (C * k * k, Cout)
     _sc_grad_segment_kernel[(num_classes, kk, triton.cdiv(cout, block_o))](

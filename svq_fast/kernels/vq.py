@@ -29,8 +29,10 @@ code norms and the outputs: O(N * SPLIT + K + N * D).
 Where it is fast / slow: it is a GEMM with a reduction epilogue, so it runs near GEMM speed when N * K * D is
 large (N >= 4096, K >= 1024, D >= 64). Small N alone is handled by splitting K across programs (SPLIT) so the
 GPU stays full. Slow relative to peak: tiny D (D=8 pads the dot to 16 and is bound by the argmin reduction, not
-the tensor cores), very small N * K (launch-bound), and fp32 inputs when torch's float32 matmul precision is
-"highest" (exact fp32 dot, no TF32 tensor cores; set torch.set_float32_matmul_precision("high") to use TF32).
+the tensor cores), very small N * K (launch-bound), and fp32: at torch's default "highest" matmul precision the dot
+runs as "tf32x3" (3 TF32 tensor-core dots, ~fp32 accuracy, ~1/3 of TF32 speed); "high" gives plain TF32; exact
+fp32 FMA dots ("ieee", no tensor cores) only with SVQ_FAST_VQ_FP32_IEEE=1 or `with fp32_precision("ieee")`.
+Configs are pinned per dtype (see _default_argmin_config); SVQ_FAST_AUTOTUNE=1 autotunes over 4 candidates.
 
 CPU: the native op in csrc/vq_cpu.cpp does the same with blocked BLAS calls (see that file). `vq_ref` is the
 textbook torch version that builds the (N, K) matrix; every backend returns the same outputs.
@@ -38,6 +40,7 @@ textbook torch version that builds the (N, K) matrix; every backend returns the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -45,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from svq_fast._ext import native_available, native_error, native_ops
+from svq_fast.kernels._tuning import autotune_enabled, pow2_bucket
 
 try:
     import triton
@@ -100,7 +104,7 @@ def vq_ref(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25, *, cosin
 
 if _HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N_BUCKET"])
     def _vq_argmin_kernel(
         z_ptr,  # (N, D), row stride stride_z, unit column stride
         e_ptr,  # (K, D), row stride stride_e, unit column stride
@@ -113,12 +117,13 @@ if _HAS_TRITON:
         stride_z,
         stride_e,
         k_per_split,
+        N_BUCKET,  # autotune key only (power-of-two bucket of N), unused in the body
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
         SINGLE_D: tl.constexpr,  # BLOCK_D >= D: load the z tile once, the K loop is the pipelined loop
         IS_FP32: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", fp32 inputs only
+        INPUT_PRECISION: tl.constexpr,  # "tf32x3", "tf32" or "ieee", fp32 inputs only
     ):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -172,23 +177,14 @@ if _HAS_TRITON:
     _vq_argmin = triton.heuristics({"SINGLE_D": _single_d})(_vq_argmin_kernel)
 
     def _argmin_configs():
-        cfgs = []
-        for bn, bk, bd, warps, stages in (
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 8, 4),
-            (64, 128, 64, 4, 3),
-            (128, 64, 64, 4, 3),
-            (64, 64, 64, 4, 4),
-            (128, 256, 32, 8, 3),
-            (64, 128, 128, 4, 2),
-            (128, 128, 128, 8, 2),
-            (64, 64, 256, 4, 2),
-            (64, 128, 256, 8, 2),
-            (128, 64, 256, 8, 2),
-        ):
-            meta = {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}
-            cfgs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-        return cfgs
+        # The SVQ_FAST_AUTOTUNE=1 candidates (at most 4; BLOCK_D is clamped to the padded D by the pruner).
+        # Every one compiles for sm_90a with 0 spills and <= 227 KiB shared memory in bf16/fp16 and fp32-tf32
+        # (benchmarks/check_sm90.py --candidates).
+        tiles = ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 4))
+        return [
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bn, bk, bd, w, s in tiles
+        ]
 
     def _prune_argmin_configs(configs, named_args, **kwargs):
         # BLOCK_D beyond the padded D only wastes registers/shared memory: clamp it (tl.dot needs >= 16) and dedupe.
@@ -198,18 +194,23 @@ if _HAS_TRITON:
         for c in configs:
             kw = dict(c.kwargs)
             kw["BLOCK_D"] = min(kw["BLOCK_D"], d_cap)
-            # fp32 tiles are twice the bytes: skip the largest single-D tiles that cannot fit shared memory
-            if fp32 and kw["BLOCK_D"] >= 256 and kw["BLOCK_N"] * kw["BLOCK_K"] > 64 * 64:
-                continue
+            bn, bk = kw["BLOCK_N"], kw["BLOCK_K"]
+            if fp32 and d_cap > 64:  # tf32x3 at D = 256 with 64-wide D chunks spills (124-600 B on sm_90a)
+                kw["BLOCK_D"] = min(kw["BLOCK_D"], 32)
+            if fp32 and bn * bk > 128 * 64:  # fp32 tiles are twice the bytes (and tf32x3 triples the dots)
+                bn, bk = min(bn, 128), min(bk, 64)
+                kw["BLOCK_N"], kw["BLOCK_K"] = bn, bk
             key = (kw["BLOCK_N"], kw["BLOCK_K"], kw["BLOCK_D"], c.num_warps, c.num_stages)
             if key not in seen:
                 seen.add(key)
                 out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
         return out
 
+    # Autotune key: N bucketed to a power of two (each new exact N would otherwise re-tune), the split size, K, D,
+    # the fp32 dot precision; the autotuner adds the pointer dtypes itself.
     _vq_argmin_tuned = triton.autotune(
         configs=_argmin_configs(),
-        key=["N", "K", "D", "k_per_split"],
+        key=["N_BUCKET", "K", "D", "k_per_split", "INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": _prune_argmin_configs},
     )(_vq_argmin)
 
@@ -365,8 +366,56 @@ def _default_split(n: int, k: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(k, 256)))  # keep >= 256 codes per split
 
 
+# fp32 dot precision. torch's "highest" (the default) means near-fp32 accuracy: "tf32x3" (three TF32 tensor-core
+# dots, hi*hi + hi*lo + lo*hi, ~fp32 accuracy on wgmma). "high"/"medium" allow plain TF32. Exact fp32 FMA dots
+# ("ieee": no tensor cores, ~10x slower) only on request: SVQ_FAST_VQ_FP32_IEEE=1 or `with fp32_precision("ieee")`.
+_FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
+_precision_override: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def fp32_precision(precision: str | None):
+    """Force the fp32 dot precision of the Triton VQ kernel inside the block ("tf32x3" | "tf32" | "ieee");
+    None keeps the default (from torch.get_float32_matmul_precision and SVQ_FAST_VQ_FP32_IEEE)."""
+    if precision is not None and precision not in _FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision: {precision!r} is not one of {_FP32_PRECISIONS}")
+    old, _precision_override[0] = _precision_override[0], precision
+    try:
+        yield
+    finally:
+        _precision_override[0] = old
+
+
 def _input_precision() -> str:
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if _precision_override[0] is not None:
+        return _precision_override[0]
+    if os.environ.get("SVQ_FAST_VQ_FP32_IEEE", "0") == "1":
+        return "ieee"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _default_argmin_config(d: int, dtype: torch.dtype, precision: str) -> dict:
+    """The pinned argmin config (no autotuning): 0 spills and <= 227 KiB shared memory on sm_90a, triton 3.6
+    (benchmarks/results/sm90_static.md). {"BLOCK_N", "BLOCK_K", "BLOCK_D", "num_warps", "num_stages"}."""
+    d_pad = max(16, triton.next_power_of_2(d))
+    if dtype != torch.float32:  # bf16 / fp16 wgmma: a 128x128 fp32 accumulator over 8 warps
+        bd = d_pad if d_pad <= 128 else 64  # single D tile up to 128 (K loop pipelined), else loop over D
+        return dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=bd, num_warps=8, num_stages=3)
+    if precision == "ieee":  # FMA dots: every operand element lives in registers; keep the tiles small
+        return dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=min(d_pad, 16), num_warps=4, num_stages=2)
+    bd = d_pad if d_pad <= 64 else 32  # fp32 bytes are twice bf16's; tf32x3 splits each operand in hi/lo
+    return dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=bd, num_warps=8, num_stages=3)
+
+
+def argmin_candidates(d: int, dtype: torch.dtype) -> list[dict]:
+    """The SVQ_FAST_AUTOTUNE=1 candidates after pruning for this D and dtype, as explicit configs."""
+    if dtype == torch.float32 and _input_precision() == "ieee":
+        return []  # never autotuned
+    named = {"D": d, "z_ptr": torch.empty(0, dtype=dtype)}
+    out = []
+    for c in _prune_argmin_configs(_argmin_configs(), named):
+        out.append(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
 
 
 def _triton_forward(
@@ -379,7 +428,8 @@ def _triton_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z (N, D), e (K, D), same dtype -> (indices (N,) int64, min_dist (N,) fp32, z_q (N, D)).
 
-    config: {"BLOCK_N", "BLOCK_K", "BLOCK_D"} (+ optional num_warps, num_stages) to bypass autotuning;
+    config: {"BLOCK_N", "BLOCK_K", "BLOCK_D"} (+ optional num_warps, num_stages); default: the pinned config of
+    _default_argmin_config (autotuned over _argmin_configs with SVQ_FAST_AUTOTUNE=1);
     split: number of codebook splits (default: enough programs for two waves);
     out: preallocated (indices, min_dist, z_q), contiguous (tests poison them to check every element is written)."""
     z = z if z.stride(1) == 1 else z.contiguous()
@@ -392,10 +442,14 @@ def _triton_forward(
     split = triton.cdiv(k, k_per_split)  # no empty split
     part_val = torch.empty((split, n), device=z.device, dtype=torch.float32)  # (SPLIT, N)
     part_idx = torch.empty((split, n), device=z.device, dtype=torch.int32)  # (SPLIT, N)
-    common = dict(IS_FP32=z.dtype == torch.float32, INPUT_PRECISION=_input_precision())
-    args = (z, e, esq, part_val, part_idx, n, k, d, z.stride(0), e.stride(0), k_per_split)
+    precision = _input_precision()
+    common = dict(IS_FP32=z.dtype == torch.float32, INPUT_PRECISION=precision)
+    args = (z, e, esq, part_val, part_idx, n, k, d, z.stride(0), e.stride(0), k_per_split, pow2_bucket(n))
     if config is None and _interpreting():
         config = _INTERPRET_CONFIG
+    elif config is None and (not autotune_enabled() or (common["IS_FP32"] and precision == "ieee")):
+        # pinned; exact-fp32 FMA dots never autotune (their larger candidate tiles spill kilobytes)
+        config = _default_argmin_config(d, z.dtype, precision)
     if config is None:
 
         def grid(meta):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import svq_fast.kernels.attention as attn
 from svq_fast.kernels.attention import HEAD_DIMS, attention_ref, effective_prefix_len, flash_attention
 
 CPU = not torch.cuda.is_available()
@@ -233,7 +234,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     "t,d,prefix_frac",
     [(17, 64, 0.37), (257, 64, 0.0), (257, 128, 0.37), (1000, 64, 1.0), (1000, 128, 0.0), (300, 32, 0.5)],
 )
-def test_gpu_autotuned_matches_ref(dtype, t, d, prefix_frac):
+def test_gpu_default_configs_match_ref(dtype, t, d, prefix_frac):  # pinned per-kernel configs
     q, k, v = _inputs(2, 3, t, t, d, dtype, device="cuda")
     p = math.ceil(prefix_frac * t)
     _check_against_ref(q, k, v, causal=True, prefix_len=p, atol=1e-3, rtol=0)
@@ -252,3 +253,21 @@ def test_gpu_fp32_kernel_correct_with_tf32_dots():
     # fp32 on GPU is not offered by the dispatch, but the kernel itself must stay correct (TF32 dots).
     q, k, v = _inputs(1, 2, 130, 130, 64, torch.float32, device="cuda")
     _check_against_ref(q, k, v, causal=True, prefix_len=40, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_smoke(monkeypatch):
+    """SVQ_FAST_AUTOTUNE=1 (opt-in): the candidates of the three kernels compile, run and match; one shape."""
+    monkeypatch.setenv("SVQ_FAST_AUTOTUNE", "1")
+    q, k, v = _inputs(1, 2, 300, 300, 128, torch.bfloat16, device="cuda")
+    _check_against_ref(q, k, v, causal=True, prefix_len=120, atol=1e-3, rtol=0)
+
+
+def test_default_and_candidate_configs_are_few():
+    # pinned defaults for every kernel and head-dim class; at most 4 autotune candidates per kernel
+    for kind in ("fwd", "dkdv", "dq"):
+        assert {(kind, 64), (kind, 128)} <= set(attn._DEFAULTS)
+        assert len(attn._TUNED[kind]) <= 4
+        assert len(attn.candidate_blocks(128)) == 4
+    assert attn._launch_cfg("fwd", 64, (32, 16)) == (32, 16, 4, 3)
+    assert attn._mask_kind(0, 100) == 0 and attn._mask_kind(10, 100) == 1 and attn._mask_kind(100, 100) == 2

@@ -174,12 +174,46 @@ def test_triton_autotune_configs_fit_d(d, dtype):
     configs = vqmod._prune_argmin_configs(vqmod._argmin_configs(), {"D": d, "z_ptr": torch.empty(0, dtype=dtype)})
     cap = max(16, 1 << (d - 1).bit_length())
     assert configs and all(16 <= c.kwargs["BLOCK_D"] <= min(cap, 256) for c in configs)
+    assert len(vqmod._argmin_configs()) <= 4  # SVQ_FAST_AUTOTUNE=1 compiles every candidate: keep it short
     keys = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs]
     assert len(keys) == len(set(keys))
-    if dtype == torch.float32:  # no fp32 single-D tile larger than 64 x 64 x 256 (shared memory)
-        assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 4096 for c in configs if c.kwargs["BLOCK_D"] >= 256)
-    if d <= 256:  # a single-D-tile config (K loop pipelined) is always among the candidates
+    if dtype == torch.float32:  # fp32 tiles are twice the bytes: no tile over 128 x 64 (shared memory, spills)
+        assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 64 for c in configs)
+    if d <= 64:  # a single-D-tile config (K loop pipelined) is always among the candidates
         assert any(c.kwargs["BLOCK_D"] >= d for c in configs)
+
+
+@pytest.mark.skipif(not vqmod._HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [8, 40, 64, 256, 512])
+def test_triton_default_config_is_pinned(d, dtype):
+    # the pinned default (what runs without SVQ_FAST_AUTOTUNE): fits D, and stays within the sm_90a-checked shapes
+    for prec in ("tf32x3", "tf32", "ieee"):
+        cfg = vqmod._default_argmin_config(d, dtype, prec)
+        assert set(cfg) == {"BLOCK_N", "BLOCK_K", "BLOCK_D", "num_warps", "num_stages"}
+        assert 16 <= cfg["BLOCK_D"] <= max(16, 1 << (d - 1).bit_length())
+        if dtype == torch.float32:
+            assert cfg["BLOCK_N"] * cfg["BLOCK_K"] * cfg["BLOCK_D"] <= 128 * 64 * 64
+
+
+def test_fp32_precision_follows_torch_and_the_explicit_flag(monkeypatch):
+    monkeypatch.delenv("SVQ_FAST_VQ_FP32_IEEE", raising=False)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert vqmod._input_precision() == "tf32x3"  # near-fp32 accuracy on tensor cores
+        torch.set_float32_matmul_precision("high")
+        assert vqmod._input_precision() == "tf32"
+        with vqmod.fp32_precision("ieee"):
+            assert vqmod._input_precision() == "ieee"
+        assert vqmod._input_precision() == "tf32"
+        monkeypatch.setenv("SVQ_FAST_VQ_FP32_IEEE", "1")
+        assert vqmod._input_precision() == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    with pytest.raises(ValueError, match="tf32x3"):
+        with vqmod.fp32_precision("fp64"):
+            pass
 
 
 # -- native (C++ / OpenMP) ------------------------------------------------------------------------------------------
@@ -332,7 +366,7 @@ def test_gpu_triton_matches_truth(shape, dtype):
     z, e, gz = (t.cuda() for t in _inputs(*shape, dtype))
     n, k, d = shape
     out = _poisoned(n, d, dtype, device="cuda")
-    vqmod._triton_forward(z, e, out=out)  # autotuned configs
+    vqmod._triton_forward(z, e, out=out)  # pinned default configs
     _check_forward(z.cpu(), e.cpu(), *(t.cpu() for t in out))
     for deterministic in (True, False):
         res, grad_z, grad_e = _run_autograd("triton", z, e, gz, deterministic=deterministic)
@@ -347,3 +381,14 @@ def test_gpu_triton_matches_truth(shape, dtype):
 def test_gpu_auto_picks_triton():
     z, e, _ = (t.cuda() for t in _inputs(64, 32, 16, torch.float16))
     assert resolve_backend(z, e, "auto") == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_smoke(monkeypatch):
+    """SVQ_FAST_AUTOTUNE=1 (opt-in): the candidates compile, run and give the exact answer; one shape per dtype."""
+    monkeypatch.setenv("SVQ_FAST_AUTOTUNE", "1")
+    for dtype in (torch.bfloat16, torch.float32):
+        z, e, _ = (t.cuda() for t in _inputs(2048, 1000, 64, dtype))
+        out = _poisoned(2048, 64, dtype, device="cuda")
+        vqmod._triton_forward(z, e, out=out)
+        _check_forward(z.cpu(), e.cpu(), *(t.cpu() for t in out))
