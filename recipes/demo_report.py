@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from svq_fast.eval.report import diagnostics_markdown
+
 
 def _load_metrics(path: str) -> dict:
     with open(path) as f:
@@ -54,6 +56,21 @@ def short_tables(rec: dict, gen: dict) -> list[str]:
     ]
 
 
+def discriminator_health(last: dict) -> list[str]:
+    """The stage-1 discriminator on a fixed held-out batch at the end of training: real vs reconstruction logits."""
+    if "disc_heldout_gap" not in last:
+        return []
+    return [
+        "## Discriminator at the end of stage 1 (fixed held-out batch)",
+        "",
+        "| mean logit on real images | on their reconstructions | gap (real - recon) |",
+        "|---|---|---|",
+        f"| {_num(last['disc_heldout_real'], 3)} | {_num(last['disc_heldout_recon'], 3)} | "
+        f"{_num(last['disc_heldout_gap'], 3)} |",
+        "",
+    ]
+
+
 def _last(history_file: str) -> dict:
     with open(history_file) as f:
         hist = json.load(f)
@@ -84,6 +101,9 @@ def main(argv=None) -> int:
         *short_tables(rec, gen),
         "",
     ]
+    if "diagnostics" in gen:
+        lines += diagnostics_markdown(gen["diagnostics"])
+    lines += discriminator_health(s1)
     lines += [
         "",
         "## Training end points (mean of the last logging window)",

@@ -77,6 +77,14 @@ class SVQModelConfig:
     # Add a linear embedding of each latent's f x f label patch to z_s before quantization (nn/semantic_patch.py):
     # a path that only the semantic loss trains, beside the shared encoder, which still feeds z_s.
     semantic_patch_input: bool = False
+    # How the image decoder sees sg[z_s]: "concat" to z_x at its input (the paper), or "spade": also as per-pixel
+    # scale and shift of every decoder norm, predicted from the semantic decoder's class probabilities of sg[z_s]
+    # (models/svq/spade.py), `spade_hidden` channels wide.
+    image_decoder_semantic: Literal["concat", "spade"] = "concat"
+    spade_hidden: int = 64
+    # Training only: probability per sample that the image decoder gets another sample's z_x, so the layout has to
+    # come from sg[z_s] (coupled models; 0 = off, the paper).
+    latent_swap: float = 0.0
 
     @property
     def downsampling(self) -> int:
@@ -96,7 +104,10 @@ class LossConfig:
     l2_weight: float = 0.0
     perceptual_weight: float = 0.0  # LPIPS; needs lpips_vgg_path
     lpips_vgg_path: str = ""
-    gan: bool = True  # VQGAN (hinge PatchGAN) vs VQVAE
+    gan: bool = True  # VQGAN (PatchGAN) vs VQVAE
+    gan_loss: Literal["hinge", "non_saturating"] = "hinge"  # hinge: VQGAN's
+    lecam_weight: float = 0.0  # LeCam regulariser on the discriminator's logits (losses/gan.py); 0 = off
+    lecam_decay: float = 0.99  # of the running logit means it pulls towards
     disc_weight: float = 0.8
     disc_start: int = 0  # generator step at which the adversarial term enters the generator loss
     disc_warmup: int = 0  # discriminator-only steps before disc_start (the discriminator is trained throughout)
@@ -121,6 +132,9 @@ class GPTConfig:
     attn_backend: Literal["auto", "triton", "xformers", "sdpa", "ref"] = "auto"
     prefix_lm: bool = False  # semantic tokens attend bidirectionally among themselves
     cfg_dropout: float = 0.1  # probability of replacing the condition by learned null tokens
+    # The input that predicts image token i also gets an embedding of semantic token i (same grid cell), beside the
+    # [z_s ; z_x] prefix (ControlAR's conditional decoding; models/gpt.py). Off: the paper's prefix alone.
+    aligned_condition: bool = False
     chunked_ce: bool = False  # image-token loss without materialising (B, N, V) logits (kernels/cross_entropy.py)
 
 

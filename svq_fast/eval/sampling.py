@@ -65,24 +65,27 @@ class GraphedDecodeStep:
     capture write the keys/values of `token` at `cache.length`: the first real call writes that same slot.
     """
 
-    def __init__(self, gpt: SemanticGPT, cache: StaticKVCache, token: torch.Tensor):
+    def __init__(self, gpt: SemanticGPT, cache: StaticKVCache, token: torch.Tensor, aligned: torch.Tensor | None):
         if token.device.type != "cuda":
             raise RuntimeError(f"GraphedDecodeStep needs CUDA tensors, got device {token.device}")
         self.token = token.clone()  # (B,)
+        self.aligned = None if aligned is None else aligned.clone()  # (B, C): position-aligned condition
         self.pos = torch.full((1,), cache.length, dtype=torch.long, device=token.device)  # (1,)
         side = torch.cuda.Stream(token.device)
         side.wait_stream(torch.cuda.current_stream(token.device))
         with torch.cuda.stream(side):  # warm-up outside the graph: kernel selection, workspaces
             for _ in range(2):
-                gpt.decode_step_at(self.token, self.pos, cache)
+                gpt.decode_step_at(self.token, self.pos, cache, self.aligned)
         torch.cuda.current_stream(token.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = gpt.decode_step_at(self.token, self.pos, cache)  # (B, V)
+            self.logits = gpt.decode_step_at(self.token, self.pos, cache, self.aligned)  # (B, V)
 
-    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+    def __call__(self, token: torch.Tensor, pos: int, aligned: torch.Tensor | None = None) -> torch.Tensor:
         self.token.copy_(token)
         self.pos.fill_(pos)
+        if self.aligned is not None:
+            self.aligned.copy_(aligned)
         self.graph.replay()
         return self.logits
 
@@ -137,7 +140,9 @@ def sample_image_tokens(
         kv = StaticKVCache(len(gpt.blocks), gpt.max_len) if cache == "static" else KVCache(len(gpt.blocks))
     graphed = None
     step_in = None  # the token fed to the cache at the next step: (B,) or (2B,) with guidance
+    aligned = gpt.aligned_condition(cond, uncond)  # (B or 2B, N, C) or None
     for i in range(n):
+        aligned_i = None if aligned is None else aligned[:, i]  # joins the input that predicts token i
         if not use_cache:
             prefix = out[:, :i].repeat(2 if cfg_on else 1, 1)
             logits = gpt.logits_full(cond, prefix, uncond)
@@ -145,11 +150,11 @@ def sample_image_tokens(
             logits = gpt.prefill(cond, kv, uncond)
         elif cuda_graph:
             if graphed is None:
-                graphed = GraphedDecodeStep(gpt, kv, step_in)
-            logits = graphed(step_in, kv.length)
+                graphed = GraphedDecodeStep(gpt, kv, step_in, aligned_i)
+            logits = graphed(step_in, kv.length, aligned_i)
             kv.advance(1)
         else:
-            logits = gpt.decode_step(step_in, kv)
+            logits = gpt.decode_step(step_in, kv, aligned_i)
         tok = draw(_guided(logits, b, guidance_scale), temperature, top_k, top_p, generator)
         out[:, i] = tok
         step_in = torch.cat([tok, tok]) if cfg_on else tok

@@ -6,6 +6,11 @@ input is [z_s (P) ; z_x[:-1] (N-1)] and the loss covers the N image tokens only.
 Classifier-free guidance: during training the semantic embeddings of a sample are replaced by learned null
 embeddings with probability cfg_dropout; at sampling the conditional and null logits are mixed.
 
+Position-aligned conditioning (cfg.aligned_condition, off in the paper's configs): besides the prefix, the input
+that predicts image token i (sequence position P + i - 1) also gets an embedding of semantic token i, the token of
+the same grid cell (ControlAR's "conditional decoding"). The condition is known in full before sampling starts, so
+this never shows a position any image token it must not see; null-condition rows get zeros there.
+
 Incremental decoding has two caches with one interface (`update`, `advance`, `length`):
 - KVCache: per-layer tensors grown by concatenation (simple; one (B, H, T, d) copy per layer and step).
 - StaticKVCache: per-layer (B, H, T_max, d) buffers allocated once and written in place at a position
@@ -183,6 +188,7 @@ class SemanticGPT(nn.Module):
         self.sem_emb = nn.Embedding(cfg.semantic_vocab, cfg.n_embd)
         self.img_emb = nn.Embedding(cfg.image_vocab, cfg.n_embd)
         self.null_cond = nn.Parameter(torch.zeros(self.n_sem, cfg.n_embd))  # CFG's unconditional "semantics"
+        self.aligned_emb = nn.Embedding(cfg.semantic_vocab, cfg.n_embd) if cfg.aligned_condition else None
         self.row_emb = nn.Embedding(cfg.grid, cfg.n_embd)
         self.col_emb = nn.Embedding(cfg.grid, cfg.n_embd)
         self.modality_emb = nn.Embedding(2, cfg.n_embd)
@@ -228,6 +234,16 @@ class SemanticGPT(nn.Module):
             e = torch.where(uncond[:, None, None], self.null_cond.to(e.dtype)[None], e)
         return e
 
+    def aligned_condition(self, sem_tokens: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor | None:
+        """sem_tokens (B, N) -> (B, N, C): row i is added to the input that predicts image token i (zeros for
+        null-condition rows); None without position-aligned conditioning."""
+        if self.aligned_emb is None:
+            return None
+        e = self.aligned_emb(sem_tokens)
+        if uncond is not None:
+            e = e.masked_fill(uncond[:, None, None], 0.0)
+        return e
+
     def _run(self, h: torch.Tensor, cache, step=None) -> torch.Tensor:
         prefix = self.n_sem if self.cfg.prefix_lm else 0
         h = self.drop(h)
@@ -248,6 +264,9 @@ class SemanticGPT(nn.Module):
             uncond = torch.rand(b, device=sem_tokens.device) < self.cfg.cfg_dropout
         h = torch.cat([self._embed_condition(sem_tokens, uncond), self.img_emb(img_tokens[:, :-1])], 1)
         h = h + self._positions(0, h.shape[1], h.device)[None]
+        aligned = self.aligned_condition(sem_tokens, uncond)
+        if aligned is not None:  # positions P-1 .. P+N-2 predict image tokens 0 .. N-1
+            h = torch.cat([h[:, : self.n_sem - 1], h[:, self.n_sem - 1 :] + aligned], 1)
         h = self._run(h, None)[:, self.n_sem - 1 :]  # (B, N, C): hidden states that predict image tokens
         if self.chunked_ce:
             return None, self.head(h, img_tokens, self.ce_chunk_rows)
@@ -263,15 +282,24 @@ class SemanticGPT(nn.Module):
         """Run the condition through the model, filling the cache (KVCache or StaticKVCache);
         -> logits for image token 0 (B, V)."""
         h = self._embed_condition(sem_tokens, uncond) + self._positions(0, self.n_sem, sem_tokens.device)[None]
+        aligned = self.aligned_condition(sem_tokens, uncond)
+        if aligned is not None:  # the last condition position predicts image token 0
+            h = torch.cat([h[:, :-1], h[:, -1:] + aligned[:, :1]], 1)
         return self.head(self._run(h, cache)[:, -1])
 
-    def decode_step(self, img_token: torch.Tensor, cache) -> torch.Tensor:
-        """Feed image token (B,) at the next position; -> logits for the following token (B, V)."""
+    def decode_step(self, img_token: torch.Tensor, cache, aligned: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed image token (B,) at the next position; -> logits for the following token (B, V).
+        aligned (B, C): with position-aligned conditioning, aligned_condition(...)[:, i] when this step predicts
+        image token i."""
         pos = cache.length
         h = self.img_emb(img_token)[:, None] + self._positions(pos, 1, img_token.device)[None]
+        if aligned is not None:
+            h = h + aligned[:, None]
         return self.head(self._run(h, cache)[:, -1])
 
-    def decode_step_at(self, img_token: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    def decode_step_at(
+        self, img_token: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache, aligned: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """decode_step with fixed shapes and no host sync, for CUDA-graph capture.
 
         img_token (B,) goes to sequence position pos ((1,) int64 tensor, on the model's device); its keys and
@@ -283,6 +311,8 @@ class SemanticGPT(nn.Module):
         if not isinstance(cache, StaticKVCache):
             raise TypeError(f"decode_step_at needs a StaticKVCache, got {type(cache).__name__}")
         h = self.img_emb(img_token)[:, None] + self._pos_emb(pos)[None]  # (B, 1, C)
+        if aligned is not None:
+            h = h + aligned[:, None]
         visible = (torch.arange(cache.max_len, device=pos.device) <= pos).view(1, 1, 1, -1)  # (1, 1, 1, T_max)
         return self.head(self._run(h, cache, (pos, visible))[:, -1])
 
@@ -291,7 +321,24 @@ class SemanticGPT(nn.Module):
     ) -> torch.Tensor:
         """Logits for the next image token after img_prefix (B, n) by full recomputation: (B, V)."""
         h = self._embed_condition(sem_tokens, uncond)
-        if img_prefix.shape[1]:
+        n = img_prefix.shape[1]
+        if n:
             h = torch.cat([h, self.img_emb(img_prefix)], 1)
         h = h + self._positions(0, h.shape[1], h.device)[None]
+        aligned = self.aligned_condition(sem_tokens, uncond)
+        if aligned is not None:  # positions P-1 .. P-1+n predict image tokens 0 .. n
+            h = torch.cat([h[:, : self.n_sem - 1], h[:, self.n_sem - 1 :] + aligned[:, : n + 1]], 1)
         return self.head(self._run(h, None)[:, -1])
+
+    @torch.no_grad()
+    def image_nll(
+        self, sem_tokens: torch.Tensor, img_tokens: torch.Tensor, *, uncond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-sample mean negative log-likelihood of the image tokens, in nats: (B,). uncond (B,) bool scores
+        against the null condition (the information the condition carries is the difference)."""
+        logits = self.forward(sem_tokens, img_tokens, uncond=uncond)[0] if not self.chunked_ce else None
+        if logits is None:
+            raise ValueError("image_nll needs the logits: build the model without chunked_ce")
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        nll = F.cross_entropy(wide.transpose(1, 2), img_tokens, reduction="none")  # (B, N)
+        return nll.mean(1)

@@ -44,6 +44,7 @@ class Stage:
     lr: Callable[[], float] = lambda: 0.0
     flops_per_sample: float = 0.0  # model FLOPs of one sample's forward + backward (see perf.count_flops)
     timer: PhaseTimer | None = None  # filled by the stage's micro_step on sampled steps
+    progress_keys: tuple[str, ...] = ("loss",)  # window means shown in the progress bar (those present)
 
 
 class _Preemption:
@@ -95,6 +96,7 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
     history: list[dict] = _read_history(run_dir) if start else []
     history = [h for h in history if h["step"] <= start]
     window: dict[str, float] = {}
+    counts: dict[str, int] = {}  # steps in the window that reported each key (some are logged only on some steps)
     n_window, skipped_in_row, skipped_total = 0, 0, 0
     t_start = t_window = time.perf_counter()
     write_seen = 0.0
@@ -140,17 +142,18 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
                     step_logs[k] = step_logs.get(k, 0.0) + v / opt.grad_accum
             for k, v in step_logs.items():
                 window[k] = window.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             n_window += 1
             step += 1
             if prof is not None:
                 prof.step()
-            log.advance({"loss": window.get("loss", 0.0) / n_window})
+            log.advance({k: window[k] / counts[k] for k in stage.progress_keys if k in window})
             over_time = cfg.run.max_seconds > 0 and time.perf_counter() - t_start > cfg.run.max_seconds
             stop = any_rank(preempt.requested or over_time, dev)
             last = step == opt.max_steps or stop
             if step % cfg.log.every == 0 or last:
                 elapsed = time.perf_counter() - t_window
-                means = all_reduce_mean({k: v / n_window for k, v in window.items()}, dev)
+                means = all_reduce_mean({k: v / counts[k] for k, v in window.items()}, dev)
                 samples = n_window * opt.micro_batch * opt.grad_accum
                 scalars = {f"loss/{k}": v for k, v in means.items()}
                 scalars.update(stage.throughput(samples, elapsed))
@@ -182,7 +185,7 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
                     before, t0 = log.write_seconds, time.perf_counter()
                     stage.on_log(step, log)
                     log.write_seconds = before + time.perf_counter() - t0  # building the grid counts too
-                window, n_window, t_window, data_time = {}, 0, time.perf_counter(), 0.0
+                window, counts, n_window, t_window, data_time = {}, {}, 0, time.perf_counter(), 0.0
             if last:
                 if stop:
                     stop_reason = "preempted" if preempt.requested else "max_seconds"

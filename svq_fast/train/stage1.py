@@ -17,15 +17,23 @@ import torch
 from torch.func import functional_call
 
 from svq_fast.config import Stage1Config
+from svq_fast.data.loader import list_shards, make_loader
 from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
-from svq_fast.losses.gan import adaptive_weight, generator_adv_loss, hinge_d_loss
+from svq_fast.losses.gan import adaptive_weight, discriminator_loss, generator_adv_loss, lecam_penalty
 from svq_fast.losses.perceptual import build_perceptual
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
 from svq_fast.train.data import resolve_shards, train_loader
-from svq_fast.train.engine import autocast_dtype, build_engine, device, init_distributed, nonfinite_anywhere
+from svq_fast.train.engine import (
+    all_reduce_mean,
+    autocast_dtype,
+    build_engine,
+    device,
+    init_distributed,
+    nonfinite_anywhere,
+)
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops
 from svq_fast.train.run_dir import prepare_run
@@ -59,9 +67,18 @@ def _weight_shape(param: torch.Tensor):
 
 
 class Stage1Step:
-    """One micro-batch of generator + discriminator work; returns detached scalars for logging."""
+    """One micro-batch: generator forward -> generator loss (named terms) -> generator step -> discriminator step.
+    Returns detached scalars for logging ({} when a non-finite loss made every rank skip the micro-batch)."""
 
-    def __init__(self, cfg: Stage1Config, gen, disc, dev: torch.device, class_weight: torch.Tensor | None = None):
+    def __init__(
+        self,
+        cfg: Stage1Config,
+        gen,
+        disc,
+        dev: torch.device,
+        class_weight: torch.Tensor | None = None,
+        heldout: dict | None = None,
+    ):
         self.cfg, self.gen, self.disc, self.dev = cfg, gen, disc, dev
         self.class_weight = None if class_weight is None else class_weight.to(dev)  # (C,) semantic CE weights
         self.last: dict = {}
@@ -71,74 +88,16 @@ class Stage1Step:
             self.perceptual.to(dev)
         self.model: SVQModel = gen.module
         self.dtype = autocast_dtype(cfg)
+        # a fixed held-out batch (same on every rank) for the discriminator's health: real vs reconstruction logits
+        self.heldout = heldout
 
     def __call__(self, batch: dict, step: int) -> dict[str, float]:
-        cfg, m, dev = self.cfg, self.model, self.dev
+        m, dev = self.model, self.dev
         x = batch["image"].to(dev, self.dtype) if m.has_image else None
         s = batch["label"].to(dev) if m.has_semantic else None
         with self.timer("forward"):
             out = self.gen(x, s)
-        logs: dict[str, float] = {}
-        loss = torch.zeros((), device=dev)  # what backward sees
-        reported = torch.zeros((), device=dev)  # the value of equation (3) (+ GAN term), for logging
-        gan_on = self.disc is not None and step >= cfg.loss.disc_start
-        if m.has_image:
-            # The image terms are evaluated on a detached leaf copy of x_hat and their gradient is injected
-            # into the graph through a surrogate <x_hat, g>. DeepSpeed (0.19) fires its gradient-reduction
-            # epilogue on any autograd pass that reaches an engine output, so the adaptive GAN weight's
-            # autograd.grad calls must never touch x_hat itself.
-            x_hat = out["x_hat"]
-            leaf = x_hat.detach().requires_grad_(True)
-            rec = reconstruction_loss(leaf, x, l1_weight=cfg.loss.l1_weight, l2_weight=cfg.loss.l2_weight)
-            nll = rec
-            if self.perceptual is not None:
-                p_loss = self.perceptual(leaf, x)
-                nll = nll + cfg.loss.perceptual_weight * p_loss
-                logs["lpips"] = p_loss.item()
-            image_loss = nll
-            if gan_on:
-                g_loss = generator_adv_loss(generator_adv_logits(self.disc, leaf))
-                if cfg.loss.adaptive_weight:
-                    conv = m.image_last_layer()
-                    d_weight = adaptive_weight(
-                        nll,
-                        g_loss,
-                        leaf,
-                        m.decoder_x.last_hidden,
-                        _weight_shape(conv.weight),
-                        max_weight=cfg.loss.adaptive_weight_max,
-                    )
-                else:
-                    d_weight = torch.ones((), device=dev)
-                image_loss = nll + cfg.loss.disc_weight * d_weight * g_loss
-                logs.update(g_adv=g_loss.item(), d_weight=d_weight.item())
-            (grad_x_hat,) = torch.autograd.grad(image_loss, leaf)
-            surrogate = (x_hat * grad_x_hat.to(x_hat.dtype)).sum()  # d surrogate / d x_hat == grad_x_hat
-            loss = loss + surrogate + out["vq_loss_x"]
-            reported = reported + image_loss.detach() + out["vq_loss_x"].detach()
-            logs.update(
-                rec=rec.item(),
-                vq_x=out["vq_loss_x"].item(),
-                perplexity_x=out["perplexity_x"].item(),
-                codes_used_x=m.quantizer_x.usage_stats()["usage_fraction"],
-            )
-        if m.has_semantic:
-            ce = semantic_loss(out["s_logits"], s, cfg.model.ignore_index, self.class_weight)
-            weight = cfg.loss.semantic_weight if m.has_image else 1.0  # lambda only couples two modalities
-            sem_total = weight * (ce + out["vq_loss_s"])
-            loss = loss + sem_total
-            reported = reported + sem_total.detach()
-            with torch.no_grad():
-                valid = s != cfg.model.ignore_index
-                s_labels = m.semantic_labels(out["s_logits"])  # (B, H, W); also kept for the image grid
-                acc = ((s_labels == s) & valid).sum() / valid.sum().clamp_min(1)
-            logs.update(
-                codes_used_s=m.quantizer_s.usage_stats()["usage_fraction"],
-                sem_ce=ce.item(),
-                vq_s=out["vq_loss_s"].item(),
-                sem_acc=acc.item(),
-                perplexity_s=out["perplexity_s"].item(),
-            )
+        loss, reported, logs = self.generator_loss(out, x, s, step)
         if nonfinite_anywhere(reported):
             return {}  # every rank skips this micro-batch (the loop counts it and may stop the run)
         with self.timer("backward"):
@@ -146,22 +105,130 @@ class Stage1Step:
         with self.timer("optimizer"):
             self.gen.step()
         logs["loss"] = reported.item()
-        self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_labels": s_labels if m.has_semantic else None}
-
-        if self.disc is not None and step >= cfg.loss.disc_start - cfg.loss.disc_warmup:
-            b = x.shape[0]
-            with self.timer("discriminator"):
-                logits = self.disc(torch.cat([x, out["x_hat"].detach()]))  # one pass: real then fake
-            d_loss = hinge_d_loss(logits[:b], logits[b:])
-            if nonfinite_anywhere(d_loss):
+        self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_labels": out.get("s_labels")}
+        if self.disc is not None and step >= self.cfg.loss.disc_start - self.cfg.loss.disc_warmup:
+            d_logs = self.discriminator_step(x, out["x_hat"].detach())
+            if not d_logs:
                 return {}
-            with self.timer("discriminator"):
-                self.disc.backward(d_loss)
-                self.disc.step()
-            logs.update(
-                d_loss=d_loss.item(), logits_real=logits[:b].mean().item(), logits_fake=logits[b:].mean().item()
-            )
+            logs.update(d_logs)
+            if self.heldout is not None and (step + 1) % self.cfg.log.every == 0:
+                logs.update(self.discriminator_health())
         return logs
+
+    # -- generator ------------------------------------------------------------------------------------
+
+    def generator_loss(self, out: dict, x, s, step: int):
+        """-> (what backward sees, the value of equation (3) + GAN term for logging, named scalar terms)."""
+        m = self.model
+        loss = torch.zeros((), device=self.dev)
+        reported = torch.zeros((), device=self.dev)
+        logs: dict[str, float] = {}
+        if m.has_image:
+            surrogate, image_loss, logs_x = self.image_terms(out, x, step)
+            loss = loss + surrogate + out["vq_loss_x"]
+            reported = reported + image_loss.detach() + out["vq_loss_x"].detach()
+            logs.update(logs_x, vq_x=out["vq_loss_x"].item(), perplexity_x=out["perplexity_x"].item())
+            logs["codes_used_x"] = m.quantizer_x.usage_stats()["usage_fraction"]
+        if m.has_semantic:
+            sem_total, logs_s = self.semantic_terms(out, s)
+            loss = loss + sem_total
+            reported = reported + sem_total.detach()
+            logs.update(logs_s)
+        return loss, reported, logs
+
+    def image_terms(self, out: dict, x: torch.Tensor, step: int):
+        """-> (surrogate carrying d(image loss)/d x_hat into the graph, image loss, named scalars).
+
+        The image terms are evaluated on a detached leaf copy of x_hat and their gradient is injected into the
+        graph through a surrogate <x_hat, g>. DeepSpeed (0.19) fires its gradient-reduction epilogue on any
+        autograd pass that reaches an engine output, so the adaptive GAN weight's autograd.grad calls must never
+        touch x_hat itself."""
+        cfg = self.cfg.loss
+        x_hat = out["x_hat"]
+        leaf = x_hat.detach().requires_grad_(True)
+        rec = reconstruction_loss(leaf, x, l1_weight=cfg.l1_weight, l2_weight=cfg.l2_weight)
+        logs = {"rec": rec.item()}
+        nll = rec
+        if self.perceptual is not None:
+            p_loss = self.perceptual(leaf, x)
+            nll = nll + cfg.perceptual_weight * p_loss
+            logs["lpips"] = p_loss.item()
+        image_loss = nll
+        if self.disc is not None and step >= cfg.disc_start:
+            g_loss = generator_adv_loss(generator_adv_logits(self.disc, leaf), cfg.gan_loss)
+            d_weight = torch.ones((), device=self.dev)
+            if cfg.adaptive_weight:
+                conv = self.model.image_last_layer()
+                hidden = out["x_hat_hidden"]
+                d_weight = adaptive_weight(
+                    nll, g_loss, leaf, hidden, _weight_shape(conv.weight), max_weight=cfg.adaptive_weight_max
+                )
+            adv_term = cfg.disc_weight * d_weight * g_loss
+            image_loss = nll + adv_term
+            logs.update(g_adv=g_loss.item(), d_weight=d_weight.item(), adv_term=adv_term.item())
+        (grad_x_hat,) = torch.autograd.grad(image_loss, leaf)
+        surrogate = (x_hat * grad_x_hat.to(x_hat.dtype)).sum()  # d surrogate / d x_hat == grad_x_hat
+        return surrogate, image_loss, logs
+
+    def semantic_terms(self, out: dict, s: torch.Tensor):
+        """-> (lambda * (CE + L_vq,s), named scalars); keeps the read-off labels in out["s_labels"]."""
+        cfg, m = self.cfg, self.model
+        ce = semantic_loss(out["s_logits"], s, cfg.model.ignore_index, self.class_weight)
+        weight = cfg.loss.semantic_weight if m.has_image else 1.0  # lambda only couples two modalities
+        with torch.no_grad():
+            valid = s != cfg.model.ignore_index
+            out["s_labels"] = m.semantic_labels(out["s_logits"])  # (B, H, W); also kept for the image grid
+            acc = ((out["s_labels"] == s) & valid).sum() / valid.sum().clamp_min(1)
+        logs = {
+            "codes_used_s": m.quantizer_s.usage_stats()["usage_fraction"],
+            "sem_ce": ce.item(),
+            "vq_s": out["vq_loss_s"].item(),
+            "sem_acc": acc.item(),
+            "perplexity_s": out["perplexity_s"].item(),
+        }
+        return weight * (ce + out["vq_loss_s"]), logs
+
+    # -- discriminator --------------------------------------------------------------------------------
+
+    def discriminator_step(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
+        """GAN loss on (x, sg[x_hat]) [+ LeCam]; -> named scalars, {} when the loss was non-finite on any rank."""
+        cfg, b = self.cfg.loss, x.shape[0]
+        with self.timer("discriminator"):
+            logits = self.disc(torch.cat([x, x_hat]))  # one pass: real then fake
+        real, fake = logits[:b], logits[b:]
+        d_loss = discriminator_loss(real, fake, cfg.gan_loss)
+        logs = {"logits_real": real.mean().item(), "logits_fake": fake.mean().item()}
+        if cfg.lecam_weight > 0:
+            ema = self.disc.module.lecam_ema  # (2,): running means of the real and fake logits
+            penalty = lecam_penalty(real, fake, ema[0], ema[1])
+            d_loss = d_loss + cfg.lecam_weight * penalty
+            logs["lecam"] = penalty.item()
+        if nonfinite_anywhere(d_loss):
+            return {}
+        with self.timer("discriminator"):
+            self.disc.backward(d_loss)
+            self.disc.step()
+        if cfg.lecam_weight > 0:  # the rank-averaged batch means, so every rank keeps the same running means
+            means = all_reduce_mean({"r": logs["logits_real"], "f": logs["logits_fake"]}, self.dev)
+            new = torch.tensor([means["r"], means["f"]], device=ema.device, dtype=ema.dtype)
+            ema.mul_(cfg.lecam_decay).add_((1 - cfg.lecam_decay) * new)
+        logs["d_loss"] = d_loss.item()
+        return logs
+
+    @torch.no_grad()
+    def discriminator_health(self) -> dict[str, float]:
+        """Mean discriminator logit on the fixed held-out batch's real images and on their reconstructions (the
+        model in eval mode): a discriminator that has learned something scores the real ones higher."""
+        m, disc = self.model, self.disc.module
+        x, s = self.heldout["image"].to(self.dev, self.dtype), self.heldout["label"].to(self.dev)
+        was_training = m.training
+        m.eval()
+        try:
+            x_hat = m(x, s if m.has_semantic else None)["x_hat"]
+        finally:
+            m.train(was_training)
+        real, fake = disc(x).float().mean().item(), disc(x_hat).float().mean().item()
+        return {"disc_heldout_real": real, "disc_heldout_recon": fake, "disc_heldout_gap": real - fake}
 
 
 def semantic_class_weights(cfg: Stage1Config, model: SVQModel, shards: list[str], rank: int) -> torch.Tensor | None:
@@ -194,10 +261,12 @@ def train_stage1(cfg: Stage1Config) -> dict:
     disc = None
     engines = {"generator": gen}
     if cfg.loss.gan and model.has_image:
-        d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers)
+        lecam = cfg.loss.lecam_weight > 0
+        d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers, lecam=lecam)
         disc, _, _ = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)
         engines["discriminator"] = disc
-    step_fn = Stage1Step(cfg, gen, disc, dev, class_weight)
+    heldout = heldout_batch(cfg) if disc is not None else None
+    step_fn = Stage1Step(cfg, gen, disc, dev, class_weight, heldout)
 
     def throughput(samples: int, seconds: float) -> dict[str, float]:
         return {
@@ -220,8 +289,28 @@ def train_stage1(cfg: Stage1Config) -> dict:
         lr=lambda: gen_sched.get_last_lr()[0],
         flops_per_sample=stage1_flops_per_sample(cfg, dev),
         timer=step_fn.timer,
+        progress_keys=("rec", "adv_term", "sem_ce", "d_loss"),
     )
     return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir)
+
+
+def heldout_batch(cfg: Stage1Config) -> dict | None:
+    """The first micro-batch of the validation shards (center crops, unflipped; the same on every rank), for the
+    discriminator's health; None without data.val_shards."""
+    if not cfg.data.val_shards:
+        return None
+    loader = make_loader(
+        list_shards(cfg.data.val_shards),
+        batch_size=cfg.optim.micro_batch,
+        image_size=cfg.model.image_size,
+        rank=0,
+        world_size=1,
+        resampled=False,
+        flip=False,
+        shuffle=False,
+        crop="center",
+    )
+    return next(iter(loader))
 
 
 def stage1_flops_per_sample(cfg: Stage1Config, dev: torch.device) -> float:

@@ -45,16 +45,16 @@ def test_zero_temperature_is_greedy():
     assert torch.equal(a[:, 0], first)
 
 
-def _gpt_prefix(prefix_lm: bool):
+def _gpt_prefix(prefix_lm: bool, aligned: bool = False):
     cfg = GPTConfig(image_vocab=30, semantic_vocab=10, grid=4, n_layer=2, n_head=2, n_embd=32, attn_backend="sdpa",
-                    prefix_lm=prefix_lm)  # fmt: skip
+                    prefix_lm=prefix_lm, aligned_condition=aligned)  # fmt: skip
     return SemanticGPT(cfg).double().eval()
 
 
 @pytest.mark.parametrize("guidance", [1.0, 1.5])
-@pytest.mark.parametrize("prefix_lm", [False, True])
-def test_dynamic_and_static_caches_equal_recomputation(prefix_lm, guidance):
-    m = _gpt_prefix(prefix_lm)
+@pytest.mark.parametrize("prefix_lm,aligned", [(False, False), (True, False), (False, True)])
+def test_dynamic_and_static_caches_equal_recomputation(prefix_lm, aligned, guidance):
+    m = _gpt_prefix(prefix_lm, aligned)
     sem = torch.randint(0, 10, (2, 16))
     kw = dict(temperature=1.0, top_k=20, top_p=0.95, guidance_scale=guidance)
     ref = sample_image_tokens(m, sem, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
@@ -85,9 +85,10 @@ def test_cuda_graph_is_ignored_off_cuda():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("guidance", [1.0, 1.5])
-def test_cuda_graph_sampling_equals_recomputation_on_cuda(guidance):
-    m = _gpt_prefix(True).cuda()  # fp64: no near-ties between the masked full-buffer and the sliced attention
+def test_cuda_graph_sampling_equals_recomputation_on_cuda(guidance, aligned):
+    m = _gpt_prefix(True, aligned).cuda()  # fp64: no near-ties between the masked full-buffer and the sliced attention
     sem = torch.randint(0, 10, (3, 16), device="cuda")
     kw = dict(temperature=1.0, top_k=20, top_p=0.95, guidance_scale=guidance)
 

@@ -21,3 +21,27 @@ def test_adaptive_weight_matches_autograd_on_the_weight():
 def test_hinge_loss_zero_when_separated():
     assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0
     assert hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 1.0
+
+
+def test_non_saturating_losses_and_unknown_kind():
+    import pytest
+
+    from svq_fast.losses.gan import discriminator_loss, generator_adv_loss
+
+    real, fake = torch.full((4,), 3.0), torch.full((4,), -3.0)
+    sp = torch.nn.functional.softplus
+    torch.testing.assert_close(discriminator_loss(real, fake, "non_saturating"), sp(torch.tensor(-3.0)))
+    torch.testing.assert_close(generator_adv_loss(fake, "non_saturating"), sp(torch.tensor(3.0)))
+    assert generator_adv_loss(fake, "hinge") == 3.0
+    with pytest.raises(ValueError, match="GAN loss"):
+        discriminator_loss(real, fake, "wgan")
+
+
+def test_lecam_penalty_only_beyond_the_running_means():
+    from svq_fast.losses.gan import lecam_penalty
+
+    # real logits below the fake running mean and fake logits above the real one: no penalty
+    assert lecam_penalty(torch.full((4,), -1.0), torch.full((4,), 1.0), torch.tensor(0.0), torch.tensor(0.0)) == 0
+    # real 2 above the fake mean 0, fake 1 below the real mean 0: 2^2 + 1^2
+    got = lecam_penalty(torch.full((4,), 2.0), torch.full((4,), -1.0), torch.tensor(0.0), torch.tensor(0.0))
+    assert got == 5.0

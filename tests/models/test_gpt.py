@@ -24,9 +24,10 @@ def tokens(b=3):
     return torch.randint(0, 12, (b, 16)), torch.randint(0, 40, (b, 16))
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("prefix_lm", [False, True])
-def test_changing_a_future_image_token_leaves_past_logits(prefix_lm):
-    m = tiny_gpt(prefix_lm=prefix_lm)
+def test_changing_a_future_image_token_leaves_past_logits(prefix_lm, aligned):
+    m = tiny_gpt(prefix_lm=prefix_lm, aligned_condition=aligned)
     sem, img = tokens()
     logits, _ = m(sem, img)
     img2 = img.clone()
@@ -91,32 +92,58 @@ def test_kv_cache_logits_equal_full_recomputation():
         torch.testing.assert_close(lg, m.logits_full(sem, img[:, :i]))
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("prefix_lm", [False, True])
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
-def test_both_caches_equal_full_recomputation(kind, prefix_lm):
-    m = tiny_gpt(prefix_lm=prefix_lm)
+def test_both_caches_equal_full_recomputation(kind, prefix_lm, aligned):
+    m = tiny_gpt(prefix_lm=prefix_lm, aligned_condition=aligned)
     sem, img = tokens(b=2)
     cache = KVCache(2) if kind == "dynamic" else StaticKVCache(2, m.max_len)
+    a = m.aligned_condition(sem, None)
     step_logits = [m.prefill(sem, cache)]
     for i in range(6):
-        step_logits.append(m.decode_step(img[:, i], cache))
+        step_logits.append(m.decode_step(img[:, i], cache, None if a is None else a[:, i + 1]))
     assert cache.length == 16 + 6
     for i, lg in enumerate(step_logits):
         torch.testing.assert_close(lg, m.logits_full(sem, img[:, :i]))
+        torch.testing.assert_close(lg, m(sem, img)[0][:, i])  # the training forward agrees too
 
 
+def test_aligned_condition_reaches_the_prediction_of_its_own_cell():
+    """With position-aligned conditioning, semantic token i informs the logits of image token i directly: without
+    it, a plain prefix model's logits still depend on token i, but only through attention; the aligned embedding
+    table must be the path (zeroing it removes the extra dependence)."""
+    torch.manual_seed(0)
+    m = tiny_gpt(aligned_condition=True)
+    sem, img = tokens(b=2)
+    sem2 = sem.clone()
+    sem2[:, 7] = (sem2[:, 7] + 1) % 12
+    base = m(sem, img)[0]
+    moved = m(sem2, img)[0]
+    m.aligned_emb.weight.data.zero_()
+    no_aligned = m(sem, img)[0] - m(sem2, img)[0]
+    # the aligned input at position P+6 (predicting token 7) differs: its logits move more than via attention alone
+    assert (base[:, 7] - moved[:, 7]).abs().max() > 10 * no_aligned[:, 7].abs().max()
+    # null-condition rows see no aligned embedding at all
+    uncond = torch.ones(2, dtype=torch.bool)
+    assert m.aligned_condition(sem, uncond).abs().max() == 0
+    assert tiny_gpt().aligned_condition(sem, None) is None
+
+
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("prefix_lm", [False, True])
-def test_fixed_shape_decode_step_equals_recomputation(prefix_lm):
+def test_fixed_shape_decode_step_equals_recomputation(prefix_lm, aligned):
     """decode_step_at is what the CUDA graph captures; its math is checked here on CPU."""
-    m = tiny_gpt(prefix_lm=prefix_lm)
+    m = tiny_gpt(prefix_lm=prefix_lm, aligned_condition=aligned)
     sem, img = tokens(b=2)
     uncond = torch.tensor([False, True])
+    a = m.aligned_condition(sem, uncond)
     cache = StaticKVCache(2, m.max_len)
     m.prefill(sem, cache, uncond)
     pos = torch.zeros(1, dtype=torch.long)
     for i in range(5):
         pos.fill_(cache.length)
-        lg = m.decode_step_at(img[:, i], pos, cache)
+        lg = m.decode_step_at(img[:, i], pos, cache, None if a is None else a[:, i + 1])
         cache.advance(1)
         torch.testing.assert_close(lg, m.logits_full(sem, img[:, : i + 1], uncond))
 
@@ -172,3 +199,13 @@ def test_chunked_ce_under_autocast_and_state_dict_keys():
         _, loss_c = chunked(sem, img)
     assert loss_c.dtype == torch.float32
     torch.testing.assert_close(loss_c, loss.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_image_nll_is_the_per_sample_training_loss():
+    m = tiny_gpt(aligned_condition=True)
+    sem, img = tokens(b=3)
+    nll = m.image_nll(sem, img)
+    assert nll.shape == (3,)
+    torch.testing.assert_close(nll.mean(), m(sem, img)[1])
+    null = m.image_nll(sem, img, uncond=torch.ones(3, dtype=torch.bool))
+    assert (nll - null).abs().max() > 0  # at init the logits are small: any difference shows the condition is used

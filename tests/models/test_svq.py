@@ -31,8 +31,9 @@ def batch(b=2):
 
 
 SUBPIXEL = dict(semantic_decoder="subpixel", semantic_decoder_width=8, semantic_decoder_blocks=1)
-SEMANTIC_DECODERS = [dict(), SUBPIXEL, dict(SUBPIXEL, semantic_patch_input=True)]
-SEMANTIC_IDS = ["conv", "subpixel", "subpixel+patch"]
+SPADE = dict(image_decoder_semantic="spade", spade_hidden=8)
+SEMANTIC_DECODERS = [dict(), SUBPIXEL, dict(SUBPIXEL, semantic_patch_input=True), dict(SUBPIXEL, **SPADE)]
+SEMANTIC_IDS = ["conv", "subpixel", "subpixel+patch", "subpixel+spade"]
 
 
 @pytest.mark.parametrize("kind", ["svq", "image", "semantic"])
@@ -175,3 +176,53 @@ def test_semantic_labels_undo_the_class_weights_bias():
 def test_bad_semantic_class_weights_are_refused(weight, match):
     with pytest.raises(ValueError, match=match):
         tiny("semantic").set_semantic_class_weight(weight)
+
+
+def _randomize_spade(m: SVQModel) -> None:
+    """SPADE's gamma/beta convs start at zero (a plain norm); give them weights so the layout path is live."""
+    torch.manual_seed(1)
+    for name, p in m.decoder_x.named_parameters():
+        if (
+            ".gamma." in name
+            or ".beta." in name
+            or name.startswith("norm_out.gamma")
+            or name.startswith("norm_out.beta")
+        ):
+            p.data.normal_(0, 0.2)
+
+
+def test_spade_decoder_follows_z_s_and_keeps_the_stop_gradient():
+    m = tiny("svq", **SUBPIXEL, **SPADE).eval()
+    _randomize_spade(m)
+    x, s = batch()
+    with torch.no_grad():
+        out = m(x, s)
+        idx_x, idx_s = out["indices_x"], out["indices_s"]
+        a = m.decode_indices(idx_x, idx_s)
+        b = m.decode_indices(idx_x, idx_s.roll(1, 0))  # same z_x, the other sample's z_s
+    assert (a - b).abs().max() > 1e-3
+    # a concat-only decoder sees z_s too, but SPADE must be a second path: with the concat channels of z_s zeroed
+    # in post_quant_x, the output still depends on z_s
+    m.post_quant_x.weight.data[:, m.cfg.z_channels :] = 0
+    with torch.no_grad():
+        assert (m.decode_indices(idx_x, idx_s) - m.decode_indices(idx_x, idx_s.roll(1, 0))).abs().max() > 1e-3
+    # the SPADE input is detached: the image loss trains the SPADE convs but nothing of the semantic branch
+    m.train()
+    out = m(x, s)
+    (out["x_hat"] - x).abs().mean().backward()
+    for name in ["quantizer_s", "decoder_s", "post_quant_s", "quant_s"]:
+        assert all(p.grad is None or p.grad.abs().max() == 0 for p in getattr(m, name).parameters()), name
+    assert m.decoder_x.norm_out.gamma.weight.grad.abs().max() > 0
+
+
+def test_latent_swap_decodes_with_another_samples_z_x_in_training_only():
+    torch.manual_seed(0)
+    m = tiny("svq", latent_swap=1.0)
+    x, s = batch(3)
+    out = m(x, s)  # training mode, p = 1: every sample decodes the previous sample's z_x
+    expected = m.decode_image(out["z_x"].roll(1, 0), out["z_s"], s_logits=out["s_logits"])
+    torch.testing.assert_close(out["x_hat"], expected)
+    m.eval()
+    with torch.no_grad():
+        out = m(x, s)
+        torch.testing.assert_close(out["x_hat"], m.decode_image(out["z_x"], out["z_s"]))

@@ -14,6 +14,7 @@ from svq_fast.data.loader import list_shards, make_loader
 from svq_fast.data.make_shards import write_synthetic
 from svq_fast.eval.image_metrics import quantize_uint8, ssim
 from svq_fast.eval.miou import ConfusionMatrix
+from svq_fast.eval.ranks import eval_loader, my_batches, split_contiguous
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.segmenter import load_segmenter
 from svq_fast.models.svq import SVQModel
@@ -248,7 +249,7 @@ class _FakeRanks:
         self.rank, self.world = rank, world
 
     def split(self, items):
-        return evaluate.split_contiguous(items, self.rank, self.world)
+        return split_contiguous(items, self.rank, self.world)
 
 
 def test_split_is_accelerates():
@@ -261,7 +262,7 @@ def test_split_is_accelerates():
             for rank in range(world):
                 fake_state = SimpleNamespace(num_processes=world, process_index=rank)
                 with PartialState.split_between_processes(fake_state, list(range(n))) as theirs:
-                    assert evaluate.split_contiguous(list(range(n)), rank, world) == list(theirs)
+                    assert split_contiguous(list(range(n)), rank, world) == list(theirs)
 
 
 def test_rank_split_covers_each_sample_once(assets):
@@ -269,8 +270,8 @@ def test_rank_split_covers_each_sample_once(assets):
     shards = list_shards(assets["shards"])
 
     def keys(rank, world, n):
-        loader = evaluate._eval_loader(shards, args, 64)
-        batches = evaluate._my_batches(loader, _FakeRanks(rank, world), n, 3)
+        loader = eval_loader(shards, args.batch_size, args.num_workers, 64)
+        batches = my_batches(loader, _FakeRanks(rank, world), n, 3)
         return [(b, k) for b, batch in batches for k in batch["key"]]
 
     for n in (14, 10):
@@ -323,3 +324,23 @@ def test_stage2_end_to_end(assets):
     assert "| model | FID↓ | SSIM↑ | LPIPS↓ |" in md and "Semantic image synthesis" in md
     again, _ = _run(assets, tmp / "out_gen2", *args)  # seeded by (seed, batch number): the same samples
     assert again["metrics"]["ssim"] == m["ssim"] and again["metrics"]["codebook"] == m["codebook"]
+    # the diagnostic table: every row scored against the map; the real row is the instrument's own score
+    d = m["diagnostics"]
+    names = [r["images"] for r in d["rows"]]
+    assert names == [
+        "real images",
+        "reconstructions",
+        "another scene's z_x",
+        "random z_x",
+        "GPT samples",
+        "GPT samples, null condition",
+        "GPT samples, guidance 3",
+    ]
+    assert d["rows"][0]["seg_miou"] == m["segmenter_miou_real"]  # same segmenter, same images
+    assert d["rows"][0]["fsd"] == 0.0 or d["rows"][0]["fsd"] < 1e-6  # real against itself
+    assert d["rows"][4]["seg_miou"] == m["segmenter_miou_generated"]  # the evaluation's own samples
+    nll = d["nll_bits_per_token"]
+    assert nll["maps"] == 2 and abs(nll["gap"] - (nll["null_condition"] - nll["condition"])) < 1e-9
+    # an untrained GPT predicts ~uniformly over the image vocabulary: log2(V) bits per token
+    assert abs(nll["condition"] - math.log2(q.image_codebook_size)) < 0.5
+    assert "## Where the semantics get lost" in md and "bits per token" in md

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
 class PatchDiscriminator(nn.Module):
-    def __init__(self, in_channels: int = 3, ch: int = 64, n_layers: int = 3):
+    """lecam=True adds a (2,) buffer `lecam_ema` (running means of the real and fake logits, for the LeCam
+    regulariser); as a buffer it is checkpointed with the discriminator, so a resumed run continues it exactly."""
+
+    def __init__(self, in_channels: int = 3, ch: int = 64, n_layers: int = 3, lecam: bool = False):
         super().__init__()
+        if lecam:
+            self.register_buffer("lecam_ema", torch.zeros(2))
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):

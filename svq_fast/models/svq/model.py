@@ -64,7 +64,10 @@ class SVQModel(nn.Module):
             self.quant_x = nn.Conv2d(zx, zx, 1)
             self.quantizer_x = VectorQuantizer(qcfg.image_codebook_size, zx, **q)
             self.post_quant_x = nn.Conv2d(zx + zs, zx + zs, 1)
-            self.decoder_x = Decoder(in_channels=zx + zs, out_channels=3, **shape)
+            # SPADE: the decoder's norms also take a per-pixel scale and shift from sg[z_s]'s class probabilities
+            self.spade = self.has_semantic and cfg.image_decoder_semantic == "spade"
+            cond = dict(cond_channels=cfg.num_classes, spade_hidden=cfg.spade_hidden) if self.spade else {}
+            self.decoder_x = Decoder(in_channels=zx + zs, out_channels=3, **shape, **cond)
         if self.has_semantic:
             self.quant_s = nn.Conv2d(zs, zs, 1)
             # optional semantic-only path: each latent's f x f label patch, embedded linearly, added to z_s
@@ -146,10 +149,40 @@ class SVQModel(nn.Module):
 
     # -- decoding -------------------------------------------------------------------------------------
 
-    def decode_image(self, z_x: torch.Tensor, z_s: torch.Tensor | None) -> torch.Tensor:
-        """x_hat from z_x and sg[z_s] (the stop-gradient makes z_s the semantic branch's alone)."""
+    def decode_image(
+        self,
+        z_x: torch.Tensor,
+        z_s: torch.Tensor | None,
+        *,
+        s_logits: torch.Tensor | None = None,
+        with_hidden: bool = False,
+    ):
+        """x_hat (B, 3, H, W) from z_x and sg[z_s] (the stop-gradient makes z_s the semantic branch's alone).
+
+        With the SPADE decoder the layout also enters as the semantic decoder's class probabilities of sg[z_s]
+        (detached: no gradient reaches the semantic branch); s_logits, when the caller already has
+        decode_semantic(z_s), saves computing them again. with_hidden=True: (x_hat, input of the last conv)."""
         z = torch.cat([z_x, z_s.detach()], 1) if self.has_semantic else z_x
-        return self.decoder_x(self.post_quant_x(z))
+        cond = None
+        if self.spade:
+            if s_logits is None:
+                s_logits = self.decode_semantic(z_s.detach())
+            cond = self.semantic_probs(s_logits.detach())
+        return self.decoder_x(self.post_quant_x(z), cond, with_hidden=with_hidden)
+
+    def semantic_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) semantic logits -> class probabilities of the unweighted posterior (see semantic_labels)."""
+        bias = self.semantic_log_class_weight.to(logits.device, logits.dtype)
+        return (logits - bias.view(1, -1, 1, 1)).softmax(1)
+
+    def _swap_image_latents(self, z_x: torch.Tensor) -> torch.Tensor:
+        """Training only, with probability cfg.latent_swap per sample: decode with the previous sample's z_x
+        (B, D, h, w), so that the decoder must take the layout from sg[z_s] rather than from z_x."""
+        p = self.cfg.latent_swap
+        if not (self.training and p > 0 and self.has_semantic and z_x.shape[0] > 1):
+            return z_x
+        swap = torch.rand(z_x.shape[0], 1, 1, 1, device=z_x.device) < p
+        return torch.where(swap, z_x.roll(1, 0), z_x)
 
     def decode_semantic(self, z_s: torch.Tensor) -> torch.Tensor:
         return self.decoder_s(self.post_quant_s(z_s))  # (B, num_classes, H, W) logits
@@ -187,11 +220,15 @@ class SVQModel(nn.Module):
         return self.decode_image(z_x, z_s)
 
     def forward(self, x: torch.Tensor | None, s: torch.Tensor | None) -> dict:
+        """-> encode's dict plus x_hat (B, 3, H, W), x_hat_hidden (the image decoder's last-conv input, for the
+        adaptive GAN weight) and s_logits (B, C, H, W), whichever the model has."""
         out = self.encode(x, s)
-        if self.has_image:
-            out["x_hat"] = self.decode_image(out["z_x"], out.get("z_s"))
         if self.has_semantic:
             out["s_logits"] = self.decode_semantic(out["z_s"])
+        if self.has_image:
+            out["x_hat"], out["x_hat_hidden"] = self.decode_image(
+                self._swap_image_latents(out["z_x"]), out.get("z_s"), s_logits=out.get("s_logits"), with_hidden=True
+            )
         return out
 
     def image_last_layer(self) -> nn.Conv2d:
