@@ -15,8 +15,9 @@ venv: $(STAMP)
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install -q $(TORCH_PINS) ninja
+	# ninja on PATH: torch's BuildExtension then compiles the native sources in parallel
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

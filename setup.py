@@ -61,7 +61,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["svq_fast", "svq_fast.*"]),
-    package_data={"svq_fast": ["data/labels/*.csv"]},
+    package_data={"svq_fast": ["data/labels/*.csv", "eval/assets/*/*"]},
     # torch is left open on purpose: GPU users keep the torch they have. The Makefile pins the release
     # that installs from this machine's disk before installing the package.
     install_requires=[

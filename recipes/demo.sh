@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job, tiny, on CPU: shards -> stage 1 (2 ranks) -> stage 2 (2 ranks) -> samples -> segmenter ->
-# evaluation -> report (a short version of the synthetic Tables 1-3 for this run's models).
+# The main job, tiny, on CPU: shards -> stage 1 (2 ranks) -> stage 2 (2 ranks) -> samples -> evaluation ->
+# report (a short version of the synthetic Tables 1-3 for this run's models, and the diagnostic table).
+# The evaluation instrument is the committed segmenter (svq_fast/eval/assets/segmenter_synthetic64: its README says
+# how it was trained); SEGMENTER=DIR uses another one.
 # Called by `make demo` with .venv/bin first on PATH. Outputs go to $DEMO_DIR (default runs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +10,7 @@ DEMO_DIR=${DEMO_DIR:-runs/demo}
 NPROC=${NPROC:-2}
 STAGE1_STEPS=${STAGE1_STEPS:-600}
 STAGE2_STEPS=${STAGE2_STEPS:-300}
-SEGMENTER_STEPS=${SEGMENTER_STEPS:-300}
+SEGMENTER=${SEGMENTER:-svq_fast/eval/assets/segmenter_synthetic64}
 EVAL_SAMPLES=${EVAL_SAMPLES:-128}
 DATA=${DEMO_DATA:-$DEMO_DIR/data}
 mkdir -p "$DEMO_DIR"
@@ -37,20 +39,16 @@ python recipes/sample.py --gpt "$DEMO_DIR/stage2/export" --out "$DEMO_DIR/sample
   --top-k 100
 T[sample]=$((SECONDS - start))
 
-# the synthetic experiment's measurements for this run's models: a small segmenter trained on real scenes scores
-# how well generations follow their maps (recipes/experiments/synthetic_tables.py does this for the whole family)
+# the synthetic experiment's measurements for this run's models: a segmenter trained on real scenes scores how well
+# generations follow their maps (recipes/experiments/synthetic_tables.py does this for the whole family)
 start=$SECONDS
-python recipes/train_segmenter.py --out "$DEMO_DIR/segmenter" --train-shards "$DATA/64px/train" \
-  --val-shards "$DATA/64px/val" --steps "$SEGMENTER_STEPS"
-T[segmenter]=$((SECONDS - start))
-start=$SECONDS
-evaluate=(python recipes/evaluate.py --segmenter "$DEMO_DIR/segmenter" --max-samples "$EVAL_SAMPLES" --cpu --stats-cache none)
+evaluate=(python recipes/evaluate.py --segmenter "$SEGMENTER" --max-samples "$EVAL_SAMPLES" --cpu --stats-cache none)
 "${evaluate[@]}" --mode stage1 --stage1 "$DEMO_DIR/stage1/export" --out "$DEMO_DIR/eval/stage1" --name sVQGAN
 "${evaluate[@]}" --mode stage2 --gpt "$DEMO_DIR/stage2/export" --out "$DEMO_DIR/eval/stage2" --name sVQGAN-T --top-k 100
 T[evaluate]=$((SECONDS - start))
 
 printf '{' > "$timings"; sep=""
-for k in shards stage1 stage2 sample segmenter evaluate; do printf '%s"%s": %s' "$sep" "$k" "${T[$k]}" >> "$timings"; sep=", "; done
+for k in shards stage1 stage2 sample evaluate; do printf '%s"%s": %s' "$sep" "$k" "${T[$k]}" >> "$timings"; sep=", "; done
 printf '}\n' >> "$timings"
 python recipes/demo_report.py --run-dir "$DEMO_DIR" --timings "$timings"
 echo "demo done: $DEMO_DIR/report.md, $DEMO_DIR/samples/grid.png, TensorBoard: tensorboard --logdir $DEMO_DIR"

@@ -31,15 +31,24 @@ def main(argv=None) -> int:
     p.add_argument("--shards", default="", help="held-out shards (default: synthetic val split)")
     p.add_argument("--num-maps", type=int, default=6)
     p.add_argument("--samples-per-map", type=int, default=3)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--guidance", type=float, default=1.0)
+    g = p.add_argument_group("sampling (defaults: the GPT config's sample section)")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpt, cfg = load_gpt(args.gpt, dev)
+    for flag, field in (
+        ("temperature", "temperature"),
+        ("top_k", "top_k"),
+        ("top_p", "top_p"),
+        ("guidance", "guidance_scale"),
+    ):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(cfg.sample, field))
     tokenizer = build_tokenizer(cfg, dev)
     shards = list_shards(args.shards) if args.shards else resolve_shards(cfg.data, "val", 0)
     loader = make_loader(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from svq_fast.config import DataConfig
 from svq_fast.data.loader import list_shards, make_loader
+from svq_fast.data.synthetic import SYNTHETIC_VERSION
 from svq_fast.eval.metrics import confusion_update, per_class_stats
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.models.segmenter import Segmenter, SegmenterConfig, save_segmenter
@@ -166,6 +167,7 @@ def main(argv=None) -> int:
         "train_seconds": round(train_seconds, 1),
         "device": str(dev),
         "torch": torch.__version__,
+        "synthetic_version": SYNTHETIC_VERSION,  # the scene generator it learned (svq_fast/data/synthetic.py)
         "args": vars(args),
     }
     save_segmenter(model.cpu(), args.out, meta)

@@ -347,6 +347,12 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"model.image_size={m.image_size} is not divisible by the downsampling {m.downsampling}")
         if cfg.data.image_size != m.image_size:
             raise ConfigError(f"data.image_size={cfg.data.image_size} differs from model.image_size={m.image_size}")
+        if not 0.0 <= m.latent_swap <= 1.0:
+            raise ConfigError(f"model.latent_swap={m.latent_swap} is a probability: use a value in [0, 1]")
+        if m.image_decoder_semantic == "spade" and m.spade_hidden < 1:
+            raise ConfigError(f"model.spade_hidden={m.spade_hidden} must be >= 1 with the SPADE decoder")
+        if cfg.loss.lecam_weight < 0 or not 0.0 <= cfg.loss.lecam_decay < 1.0:
+            raise ConfigError("loss.lecam_weight must be >= 0 and loss.lecam_decay in [0, 1)")
     if isinstance(cfg, Stage2Config):
         g = cfg.model
         if g.n_embd % g.n_head:

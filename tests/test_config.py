@@ -62,6 +62,12 @@ def test_cross_field_validation():
         apply_overrides(Stage1Config(), ["--model.norm_groups=7"])
     with pytest.raises(ConfigError, match="n_head"):
         apply_overrides(Stage2Config(), ["--model.n_head=7"])
+    with pytest.raises(ConfigError, match="latent_swap"):
+        apply_overrides(Stage1Config(), ["--model.latent_swap=1.5"])
+    with pytest.raises(ConfigError, match="spade_hidden"):
+        apply_overrides(Stage1Config(), ["--model.image_decoder_semantic=spade", "--model.spade_hidden=0"])
+    with pytest.raises(ConfigError, match="lecam"):
+        apply_overrides(Stage1Config(), ["--loss.lecam_decay=1.0"])
 
 
 @pytest.mark.parametrize("micro, accum, world", [(8, 1, 1), (4, 3, 2), (2, 2, 8)])
@@ -93,6 +99,8 @@ def test_paper_sizes():
     assert (s1.quantizer.image_codebook_size, s1.quantizer.semantic_codebook_size) == (16384, 4096)
     assert s1.loss.semantic_weight == 0.1
     assert (s2.model.n_layer, s2.model.n_head, s2.model.n_embd) == (24, 16, 1024)
+    # the paper's architecture by default: every change for the tiny configs is an option they choose
+    assert (s1.model.image_decoder_semantic, s1.model.latent_swap, s2.model.aligned_condition) == ("concat", 0.0, False)
     tiny = get_config("svqgan_tiny")
     assert tiny.model.image_size // 2 ** (len(tiny.model.ch_mult) - 1) == 16  # paper's 16x16 latents at 64x64
 

@@ -10,8 +10,9 @@ Per seed it trains, with the same budgets:
            sVQVAE-T and sVQGAN-T (both token kinds from the coupled model)
 then evaluates them with recipes/evaluate.py: generation (Table 1: FSD in a segmenter's feature space, SSIM and
 the segmenter's mIoU on generated images), reconstruction (Table 2: SSIM / PSNR) and semantic reconstruction
-(Table 3: mIoU). A small segmenter (recipes/train_segmenter.py) trained on real synthetic images supplies FSD and
-the generated-image mIoU; FID/LPIPS need pretrained weights that this benchmark does not assume.
+(Table 3: mIoU). The committed segmenter (svq_fast/eval/assets/segmenter_synthetic64, trained on real synthetic
+images) supplies FSD, the generated-image mIoU and the diagnostic table; FID/LPIPS need pretrained weights that this
+benchmark does not assume.
 Writes <out>/report.md with mean and spread over seeds and side-by-side sample grids (as the paper's Figure 3).
 Trainings, evaluations and grids already on disk are reused, so adding a seed later only runs that seed.
 Every training is a single-process DeepSpeed run (no launcher), so the whole experiment runs on one CPU machine.
@@ -37,6 +38,8 @@ STAGE2 = {
     "sVQGAN-T": ("svqgan", None),
 }
 TABLE2 = ("vqvae", "svqvae", "vqgan", "svqgan")
+# the evaluation instrument shipped with the package (svq_fast/eval/assets/segmenter_synthetic64/README.md)
+COMMITTED_SEGMENTER = os.path.join(os.path.dirname(RECIPES), "svq_fast", "eval", "assets", "segmenter_synthetic64")
 TABLE3 = ("semantic_vqvae", "svqvae", "svqgan", "svqgan_mapdrop")
 
 
@@ -254,7 +257,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--stage1-steps", type=int, default=400)
     p.add_argument("--stage2-steps", type=int, default=400)
-    p.add_argument("--segmenter-steps", type=int, default=1000)
+    p.add_argument(
+        "--segmenter",
+        default=COMMITTED_SEGMENTER,
+        help="segmenter that scores the generations (default: the committed one); 'train' trains one in --out",
+    )
+    p.add_argument("--segmenter-steps", type=int, default=1000, help="with --segmenter train")
     p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--top-k", type=int, default=100)
@@ -269,8 +277,8 @@ def main(argv=None) -> int:
     if os.path.exists(previous):  # parts reused from an earlier invocation keep their measured times
         with open(previous) as f:
             timings = json.load(f).get("timings", {})
-    segmenter = os.path.join(args.out, "segmenter")
-    if not os.path.exists(os.path.join(segmenter, "model.safetensors")):
+    segmenter = os.path.join(args.out, "segmenter") if args.segmenter == "train" else args.segmenter
+    if args.segmenter == "train" and not os.path.exists(os.path.join(segmenter, "model.safetensors")):
         timings["segmenter"] = run(
             recipe("train_segmenter.py")
             + ["--out", segmenter, "--data-root", data, "--steps", str(args.segmenter_steps)],

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from svq_fast.data.synthetic import SYNTHETIC_VERSION
 from svq_fast.eval.fid import (
     InceptionFeatures,
     file_sha256,
@@ -40,6 +41,12 @@ class Scorer:
         self.segmenter, self.segmenter_meta = (None, {})
         if args.segmenter:
             self.segmenter, self.segmenter_meta = load_segmenter(args.segmenter, dev)
+            trained_on = self.segmenter_meta.get("synthetic_version")
+            if trained_on is not None and trained_on != SYNTHETIC_VERSION:
+                raise ValueError(
+                    f"segmenter {args.segmenter} was trained on synthetic scenes of version {trained_on}, the "
+                    f"generator is at version {SYNTHETIC_VERSION}: retrain it (recipes/train_segmenter.py)"
+                )
             if self.segmenter.cfg.num_classes != num_classes:
                 raise ValueError(
                     f"segmenter {args.segmenter} predicts {self.segmenter.cfg.num_classes} classes, the model "

@@ -19,7 +19,10 @@ from torch import nn
 
 class SPADE(nn.Module):
     """h (B, C, H, W), m (B, M, Hm, Wm) -> (B, C, H, W). m is resized to h's size (area-averaged when
-    larger, nearest when smaller), then one shared 3x3 conv + ReLU and two 3x3 convs give gamma and beta."""
+    larger, nearest when smaller), then one shared 3x3 conv + ReLU and two 1x1 convs give gamma and beta.
+
+    1x1 rather than SPADE's 3x3 for gamma and beta: the shared 3x3 conv already sees each pixel's neighbourhood,
+    and at full resolution the two C-wide 3x3 convs would cost more than the rest of the tiny decoder."""
 
     def __init__(self, channels: int, groups: int, cond_channels: int, hidden: int):
         super().__init__()
@@ -27,8 +30,8 @@ class SPADE(nn.Module):
             raise ValueError(f"SPADE: {groups} groups do not divide {channels} channels")
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=False)
         self.shared = nn.Sequential(nn.Conv2d(cond_channels, hidden, 3, padding=1), nn.ReLU())
-        self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
-        self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.gamma = nn.Conv2d(hidden, channels, 1)
+        self.beta = nn.Conv2d(hidden, channels, 1)
         # start as a plain (unit-scale, zero-shift) normalisation: training decides how much layout to inject
         for conv in (self.gamma, self.beta):
             nn.init.zeros_(conv.weight)
