@@ -226,3 +226,20 @@ def test_latent_swap_decodes_with_another_samples_z_x_in_training_only():
     with torch.no_grad():
         out = m(x, s)
         torch.testing.assert_close(out["x_hat"], m.decode_image(out["z_x"], out["z_s"]))
+
+
+def test_latent_swap_draws_use_their_own_checkpointed_generator():
+    """The swaps come from a generator seeded by a state-dict buffer: the global RNG stream is left alone, and a
+    model restored from a state dict draws the same swaps as the one it was saved from (exact resume)."""
+    a, b = tiny("svq", latent_swap=0.5), tiny("svq", latent_swap=0.5)
+    z = torch.arange(16.0).view(16, 1, 1, 1).expand(16, 8, 2, 2)  # sample i holds the value i
+    first = a._swap_image_latents(z)
+    b.load_state_dict(a.state_dict())
+    assert int(b.latent_swap_draws) == 1
+    state = torch.get_rng_state()
+    second_a, second_b = a._swap_image_latents(z), b._swap_image_latents(z)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(second_a, second_b)
+    assert not torch.equal(first, second_a)  # a new draw per forward
+    swapped = second_a[:, 0, 0, 0] != z[:, 0, 0, 0]
+    assert 0 < int(swapped.sum()) < 16 and torch.equal(second_a[swapped, 0, 0, 0], z.roll(1, 0)[swapped, 0, 0, 0])

@@ -2,7 +2,8 @@
 gradient accumulation must give the same stage-1 losses (the adversarial term is off: taming's adaptive
 weight is computed on each rank's local batch, so it legitimately depends on the layout). The codebooks'
 data-dependent initialisation is off for the same reason: it seeds the codes from the first micro-batch rank 0
-sees, which is half the global batch on 2 ranks and a quarter under accumulation."""
+sees, which is half the global batch on 2 ranks and a quarter under accumulation. The z_x swaps of the tiny config
+(model.latent_swap) are off too: each rank draws them for, and rolls z_x within, its own micro-batch."""
 
 import json
 import socket
@@ -44,6 +45,7 @@ def run_layout(tmp, data, name, ranks, stage, accum=1, precision="fp32", gan=Fal
         "--loss.disc_start=1",
         "--model.ch=16",
         "--quantizer.init_from_data=false",
+        "--model.latent_swap=0",
         "--optim.max_steps=4",
         "--log.every=1",
         f"--optim.micro_batch={micro}",

@@ -82,6 +82,10 @@ class SVQModel(nn.Module):
             # (C,) log of the semantic cross-entropy's class weights, set by the trainer (zeros: plain CE).
             # A weighted CE is minimised by softmax(logits) ~ w_c p(c | z): labels are read off logits - log w.
             self.register_buffer("semantic_log_class_weight", torch.zeros(cfg.num_classes))
+        if self.has_semantic and cfg.latent_swap > 0:
+            # forwards that drew z_x swaps: seeds the swaps' own generator, and as a buffer it is checkpointed, so the
+            # draws neither depend on nor disturb the global RNG stream and a resumed run repeats them exactly
+            self.register_buffer("latent_swap_draws", torch.zeros((), dtype=torch.int64))
         # Learned fill for the hidden image when training for reference-free semantic encoding.
         self.image_fill = nn.Parameter(torch.zeros(1, 3, 1, 1)) if cfg.image_dropout > 0 else None
 
@@ -181,7 +185,10 @@ class SVQModel(nn.Module):
         p = self.cfg.latent_swap
         if not (self.training and p > 0 and self.has_semantic and z_x.shape[0] > 1):
             return z_x
-        swap = torch.rand(z_x.shape[0], 1, 1, 1, device=z_x.device) < p
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        gen = torch.Generator().manual_seed(int(self.latent_swap_draws) * 1_000_003 + rank)
+        self.latent_swap_draws += 1
+        swap = (torch.rand(z_x.shape[0], generator=gen) < p).to(z_x.device).view(-1, 1, 1, 1)
         return torch.where(swap, z_x.roll(1, 0), z_x)
 
     def decode_semantic(self, z_s: torch.Tensor) -> torch.Tensor:
