@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from configs import get_config  # noqa: E402
 
+from svq_fast.losses.gan import hinge_d_loss  # noqa: E402
 from svq_fast.models.gpt import SemanticGPT  # noqa: E402
 from svq_fast.models.svq import PatchDiscriminator, SVQModel  # noqa: E402
 from svq_fast.nn.semantic_input import SemanticConv  # noqa: E402
@@ -98,7 +99,7 @@ def stage1(args, peak: float) -> dict:
         if gen.has_image:
             with amp:
                 logits = disc(torch.cat([x, out["x_hat"].detach()])).float()
-                d_loss = F.relu(1 - logits[:b]).mean() + F.relu(1 + logits[b:]).mean()
+                d_loss = hinge_d_loss(logits[:b], logits[b:])
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
