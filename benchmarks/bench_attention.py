@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from bench_common import JsonlWriter, precision_note  # benchmarks/bench_common.py
 from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH",
                  "sdpa-cudnn": "CUDNN_ATTENTION"}  # fmt: skip
 ALL_PROVIDERS = ["triton", *SDPA_BACKENDS, "xformers", "ref"]

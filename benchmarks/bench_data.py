@@ -28,12 +28,11 @@ import torch
 from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from svq_fast.data.loader import list_shards, make_loader
+from svq_fast.data.make_shards import write_dataset, write_synthetic
+from svq_fast.data.synthetic import NUM_CLASSES, SyntheticSpec, render_scene
 
-from svq_fast.data.loader import list_shards, make_loader  # noqa: E402
-from svq_fast.data.make_shards import write_dataset, write_synthetic  # noqa: E402
-from svq_fast.data.synthetic import NUM_CLASSES, SyntheticSpec, render_scene  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def machine() -> str:

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from bench_common import JsonlWriter, peak_mib, precision_note, time_ms  # benchmarks/bench_common.py
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

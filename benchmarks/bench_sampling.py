@@ -26,18 +26,15 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from svq_fast.config import GPTConfig  # noqa: E402
-from svq_fast.eval.sampling import sample_image_tokens  # noqa: E402
-from svq_fast.models.gpt import SemanticGPT  # noqa: E402
+from svq_fast.config import GPTConfig
+from svq_fast.eval.sampling import sample_image_tokens
+from svq_fast.models.gpt import SemanticGPT
 
 MODES = ("full", "dynamic", "static", "cuda-graph")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -46,13 +46,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 from memory import cpu_alloc_peak_mib  # benchmarks/memory.py (the script folder is on sys.path)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROVIDERS = ("native", "triton", "triton_atomic", "ref")
 MODES = ("forward", "backward", "forward+backward")

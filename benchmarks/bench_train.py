@@ -25,14 +25,12 @@ import time
 
 import torch
 
+from svq_fast.config import apply_overrides
+from svq_fast.named_configs import get_config
+from svq_fast.train.stage1 import stage1_flops_per_sample, train_stage1
+from svq_fast.train.stage2 import gpt_flops_per_sample, train_stage2
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "recipes"))
-
-from configs import get_config  # noqa: E402
-
-from svq_fast.config import apply_overrides  # noqa: E402
-from svq_fast.train.stage1 import stage1_flops_per_sample, train_stage1  # noqa: E402
-from svq_fast.train.stage2 import gpt_flops_per_sample, train_stage2  # noqa: E402
 
 
 def _variant_overrides(recipe: str, variant: str) -> list[str]:
@@ -148,7 +146,6 @@ def main(argv=None) -> int:
     if args.smoke:
         args.paper, args.steps, args.warmup, args.seconds, args.micro_batch = False, 3, 1, 0.0, 2
         args.samples, args.precision, args.variants = 16, "fp32", "fused"
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_common import JsonlWriter
     from bench_train_eager import gemm_peak_tflops
 

@@ -24,16 +24,13 @@ import torch
 import torch.nn.functional as F
 from bench_common import JsonlWriter, precision_note, sync, time_ms  # benchmarks/bench_common.py
 
+from svq_fast.losses.gan import hinge_d_loss
+from svq_fast.models.gpt import SemanticGPT
+from svq_fast.models.svq import PatchDiscriminator, SVQModel
+from svq_fast.named_configs import get_config
+from svq_fast.nn.semantic_input import SemanticConv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "recipes"))
-sys.path.insert(0, ROOT)
-
-from configs import get_config  # noqa: E402
-
-from svq_fast.losses.gan import hinge_d_loss  # noqa: E402
-from svq_fast.models.gpt import SemanticGPT  # noqa: E402
-from svq_fast.models.svq import PatchDiscriminator, SVQModel  # noqa: E402
-from svq_fast.nn.semantic_input import SemanticConv  # noqa: E402
 
 
 def gemm_peak_tflops(device: str, n: int = 8192) -> float:

@@ -42,14 +42,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from bench_common import JsonlWriter, peak_mib, precision_note, time_ms  # benchmarks/bench_common.py
 from device_info import cpu_name  # benchmarks/device_info.py (the script folder is on sys.path)
 from memory import cpu_alloc_peak_mib  # benchmarks/memory.py (the script folder is on sys.path)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROVIDERS = ("triton", "native", "ref", "vqp", "gemm")
 MODES = ("forward", "backward", "forward+backward")

@@ -23,11 +23,12 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from svq_fast import dist
 from svq_fast.data.loader import list_shards, make_loader
 from svq_fast.data.shards import INDEX_NAME, write_tar
 from svq_fast.data.tokens import encode_npy, token_dtype
-from svq_fast.train.pretrained import load_stage1
-from svq_fast.train.tokens import Tokenizer
+from svq_fast.export import load_stage1
+from svq_fast.models.tokenizer import Tokenizer
 
 
 def main(argv=None) -> int:
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    rank, world = _rank_world()
+    rank, world = dist.init_from_env()
     image_model, s1 = load_stage1(args.stage1, acc.device)
     semantic_model = load_stage1(args.stage1_semantic, acc.device)[0] if args.stage1_semantic else None
     tok = Tokenizer(image_model, semantic_model)
@@ -103,19 +104,8 @@ def main(argv=None) -> int:
             f"wrote {index['num_samples']} token sequences ({grid}x{grid} + {grid}x{grid}) in "
             f"{len(counts)} shards to {args.out}"
         )
-    if world > 1:
-        torch.distributed.barrier()
+    dist.barrier()
     return 0
-
-
-def _rank_world() -> tuple[int, int]:
-    """This process's rank and the world size from the launcher's environment (process group joined if needed)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from svq_fast.data.loader import list_shards, make_loader
 from svq_fast.data.synthetic import SYNTHETIC_VERSION
 from svq_fast.eval.metrics import confusion_update, per_class_stats
 from svq_fast.eval.miou import ConfusionMatrix
-from svq_fast.models.segmenter import Segmenter, SegmenterConfig, save_segmenter
+from svq_fast.export import export_segmenter
+from svq_fast.models.segmenter import Segmenter, SegmenterConfig
 from svq_fast.train.data import resolve_shards
 
 
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
         "synthetic_version": SYNTHETIC_VERSION,  # the scene generator it learned (svq_fast/data/synthetic.py)
         "args": vars(args),
     }
-    save_segmenter(model.cpu(), args.out, meta)
+    export_segmenter(model.cpu(), args.out, meta)
     print(f"wrote {os.path.join(args.out, 'model.safetensors')} and config.json")
     print(json.dumps({"val_miou": miou, "val_pixel_acc": acc, "steps": step, "train_seconds": round(train_seconds, 1)}))
     return 0

@@ -6,8 +6,7 @@ deepspeed --num_gpus 2 recipes/train_svqgan.py            # CPU: tiny model on t
 
 import sys
 
-from cli import parse
-
+from svq_fast.cli import parse
 from svq_fast.config import Stage1Config
 from svq_fast.train.stage1 import train_stage1
 

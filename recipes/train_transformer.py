@@ -7,8 +7,7 @@
 
 import sys
 
-from cli import parse
-
+from svq_fast.cli import parse
 from svq_fast.config import Stage2Config
 from svq_fast.train.stage2 import train_stage2
 

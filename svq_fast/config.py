@@ -2,7 +2,7 @@
 DeepSpeed config generated from them.
 
 A run config is a `Stage1Config` (autoencoder) or `Stage2Config` (Transformer). Named runs live in
-`recipes/configs.py` as functions returning one of these. Overrides name a section and a field; an
+`svq_fast/named_configs.py` as functions returning one of these. Overrides name a section and a field; an
 unknown section or field, or a value that does not parse as the field's type, raises `ConfigError`
 naming the key.
 """

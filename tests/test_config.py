@@ -16,8 +16,7 @@ from svq_fast.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-from configs import CONFIGS, get_config  # noqa: E402
+from svq_fast.named_configs import CONFIGS, get_config
 
 
 def test_overrides_parse_each_type():

@@ -22,7 +22,7 @@ import math
 import torch
 
 from svq_fast.eval.image_metrics import quantize_uint8
-from svq_fast.eval.metrics import FeatureStats, MeanStat, all_reduce_confusion
+from svq_fast.eval.metrics import FeatureStats, MeanStat
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.eval.sampling import sample_image_tokens
 
@@ -47,7 +47,7 @@ class MapFidelity:
         self.features.update(feats)
 
     def all_reduce(self) -> None:
-        all_reduce_confusion(self.cm)
+        self.cm.all_reduce()
         self.features.all_reduce()
 
 

@@ -10,7 +10,7 @@ torch.distributed is not initialised). After `all_reduce()` every rank holds the
   merged with Chan et al.'s pairwise formula in float64 (no E[x x^T] - mu mu^T cancellation). Ranks exchange
   their states with all_gather and merge them in rank order, so all ranks get bit-identical results.
 - CodebookUsage: histogram of code ids -> fraction of codes used, perplexity exp(H(p)).
-- all_reduce_confusion / per_class_stats: the global confusion matrix of svq_fast.eval.miou.ConfusionMatrix
+- per_class_stats: per-class rows of a (global) svq_fast.eval.miou.ConfusionMatrix
   and a per-class table (IoU, recall, pixel shares).
 
 Collectives run on the device the process group's backend needs (CUDA for NCCL, CPU for gloo); the states
@@ -24,37 +24,8 @@ import math
 import numpy as np
 import torch
 
+from svq_fast import dist
 from svq_fast.eval.miou import ConfusionMatrix
-
-
-def dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _comm_device() -> torch.device:
-    """Where collective tensors must live for the current backend (NCCL: this rank's GPU)."""
-    if dist_ready() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """In-place global sum of a CPU tensor (returned for chaining)."""
-    if dist_ready():
-        buf = t.to(_comm_device())
-        torch.distributed.all_reduce(buf)
-        t.copy_(buf.cpu())
-    return t
-
-
-def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's copy of a same-shaped CPU tensor, in rank order (a one-element list without a group)."""
-    if not dist_ready():
-        return [t]
-    buf = t.to(_comm_device())
-    out = [torch.empty_like(buf) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(out, buf)
-    return [o.cpu() for o in out]
 
 
 class MeanStat:
@@ -73,7 +44,7 @@ class MeanStat:
         return self
 
     def all_reduce(self) -> MeanStat:
-        _all_reduce_sum_(self.total)
+        dist.all_reduce_sum_(self.total)
         return self
 
     @property
@@ -132,10 +103,10 @@ class FeatureStats:
 
     def all_reduce(self) -> FeatureStats:
         """Gather every rank's state and merge in rank order (same result on every rank)."""
-        if not dist_ready():
+        if not dist.is_multi_rank():
             return self
         flat = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.mean_, self.m2.flatten()])
-        parts = _all_gather(flat)
+        parts = dist.all_gather(flat)
         d = self.dim
         merged = FeatureStats(d)
         for p in parts:
@@ -185,7 +156,7 @@ class CodebookUsage:
         return self
 
     def all_reduce(self) -> CodebookUsage:
-        _all_reduce_sum_(self.counts)
+        dist.all_reduce_sum_(self.counts)
         return self
 
     def used(self) -> int:
@@ -219,12 +190,6 @@ def confusion_update(cm: ConfusionMatrix, pred: torch.Tensor, target: torch.Tens
         cm.update(pred[keep], target.to(pred.device)[keep])
 
 
-def all_reduce_confusion(cm: ConfusionMatrix) -> ConfusionMatrix:
-    """Global sum of the confusion matrix on the backend's device (ConfusionMatrix.all_reduce works on gloo only)."""
-    _all_reduce_sum_(cm.mat)
-    return cm
-
-
 def per_class_stats(cm: ConfusionMatrix, names: list[str] | tuple[str, ...] | None = None) -> list[dict]:
     """One row per class: name, ground-truth pixel share, predicted pixel share, IoU and recall (NaN where the class
     is absent from both truth and prediction, resp. from the truth)."""
@@ -248,11 +213,9 @@ def per_class_stats(cm: ConfusionMatrix, names: list[str] | tuple[str, ...] | No
 
 
 __all__ = [
-    "dist_ready",
     "MeanStat",
     "FeatureStats",
     "CodebookUsage",
     "confusion_update",
-    "all_reduce_confusion",
     "per_class_stats",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from svq_fast import dist
+
 
 class ConfusionMatrix:
     def __init__(self, num_classes: int, ignore_index: int = 255):
@@ -18,12 +20,10 @@ class ConfusionMatrix:
             self.num_classes, self.num_classes
         )
 
-    def all_reduce(self) -> None:
-        if torch.distributed.is_initialized():
-            nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
-            t = self.mat.to(torch.device("cuda", torch.cuda.current_device())) if nccl else self.mat
-            torch.distributed.all_reduce(t)
-            self.mat = t.cpu()
+    def all_reduce(self) -> ConfusionMatrix:
+        """Sum the matrix over ranks (a collective: every rank calls it in the same order); returns self."""
+        dist.all_reduce_sum_(self.mat)
+        return self
 
     def iou(self) -> torch.Tensor:
         """(C,) float64 IoU per class; NaN for classes absent from both truth and prediction."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from svq_fast import dist
 from svq_fast.data.loader import make_loader
-from svq_fast.eval.metrics import dist_ready
 
 
 def eval_loader(shards: list[str], batch_size: int, num_workers: int, image_size: int):
@@ -44,8 +44,8 @@ class Ranks:
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
-        if dist_ready():
-            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if dist.is_initialized():
+            self.rank, self.world = dist.rank_world()
         else:
             self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.consistent = (accelerator.process_index, accelerator.num_processes) == (self.rank, self.world)
@@ -68,8 +68,7 @@ class Ranks:
         return split_contiguous(items, self.rank, self.world)
 
     def barrier(self) -> None:
-        if dist_ready():
-            torch.distributed.barrier()
+        dist.barrier()
 
 
 def my_batches(loader, ranks, num_samples: int, batch_size: int):

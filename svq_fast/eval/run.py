@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from svq_fast.eval.fid import save_stats
-from svq_fast.eval.metrics import all_reduce_confusion, per_class_stats
+from svq_fast.eval.metrics import per_class_stats
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.eval.ranks import Ranks, eval_loader, my_batches
 from svq_fast.eval.report import json_safe, markdown
@@ -99,7 +99,7 @@ def evaluate(args, ranks, dev, task) -> dict:
     seconds = time.time() - t0
     # collectives, in the same order on every rank
     scorer.all_reduce()
-    all_reduce_confusion(truth)
+    truth.all_reduce()
     extra = task.finish()
     if ranks.is_main:
         for name, (path, key) in todo.items():

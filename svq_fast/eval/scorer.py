@@ -17,9 +17,9 @@ from svq_fast.eval.fid import (
     stats_key,
 )
 from svq_fast.eval.image_metrics import LPIPSMetric, psnr, ssim
-from svq_fast.eval.metrics import FeatureStats, MeanStat, all_reduce_confusion
+from svq_fast.eval.metrics import FeatureStats, MeanStat
 from svq_fast.eval.miou import ConfusionMatrix
-from svq_fast.models.segmenter import load_segmenter
+from svq_fast.export import load_segmenter
 
 NA_WEIGHTS = "n/a (no weights)"
 STATS_VERSION = 1  # bump when the real-image preprocessing changes (invalidates cached statistics)
@@ -113,8 +113,8 @@ class Scorer:
                 fake.all_reduce()
                 if not self.real_cached[name]:
                     real.all_reduce()
-        all_reduce_confusion(self.seg_fake)
-        all_reduce_confusion(self.seg_real)
+        self.seg_fake.all_reduce()
+        self.seg_real.all_reduce()
 
     def results(self, fake_name: str) -> dict:
         out = {

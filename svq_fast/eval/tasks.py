@@ -11,13 +11,12 @@ import torch
 from svq_fast.data.loader import list_shards
 from svq_fast.eval.diagnostics import Diagnostics
 from svq_fast.eval.image_metrics import quantize_uint8
-from svq_fast.eval.metrics import CodebookUsage, all_reduce_confusion
+from svq_fast.eval.metrics import CodebookUsage
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.eval.sampling import sample_image_tokens
 from svq_fast.eval.scorer import Scorer
+from svq_fast.export import load_gpt, load_stage1, load_tokenizer
 from svq_fast.train.data import resolve_shards
-from svq_fast.train.pretrained import load_gpt, load_stage1
-from svq_fast.train.stage2 import build_tokenizer
 
 
 class Stage1Task:
@@ -59,9 +58,9 @@ class Stage1Task:
 
     def finish(self) -> dict:
         """Collective: the task's own global metrics."""
-        all_reduce_confusion(self.semantic)
+        self.semantic.all_reduce()
         if self.coupled:
-            all_reduce_confusion(self.semantic_map_only)
+            self.semantic_map_only.all_reduce()
         for u in (self.usage_x, self.usage_s):
             if u is not None:
                 u.all_reduce()
@@ -92,7 +91,7 @@ class Stage2Task:
         self.gpt, cfg = load_gpt(args.gpt, dev)
         if args.stage1:
             cfg.stage1 = args.stage1
-        self.tokenizer = build_tokenizer(cfg, dev)
+        self.tokenizer = load_tokenizer(cfg, dev)
         if args.semantic_tokens == "map-only" and self.tokenizer.semantic_model is not None:
             raise ValueError(
                 "--semantic-tokens map-only needs a coupled (sVQ) stage-1 model; this GPT uses a separate one"

@@ -10,22 +10,16 @@ Shape, for width w and L levels: stem (3 -> w, full resolution) -> L x [stride-2
 (capped at 8w), two 3x3 conv blocks] -> L x [nearest 2x upsample, 3x3 conv, + skip, 3x3 conv block] ->
 penultimate (B, w, H, W) -> 1x1 classifier. Inputs (B, 3, H, W) in [-1, 1], H and W divisible by 2^L.
 
-Saved as <dir>/model.safetensors + <dir>/config.json ({"type": "SegmenterConfig", "config": ..., "meta": ...}).
+Saved and loaded by svq_fast.export (export_segmenter / load_segmenter).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import shutil
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-CONFIG_TYPE = "SegmenterConfig"
 
 
 @dataclass(kw_only=True)
@@ -98,49 +92,4 @@ class Segmenter(nn.Module):
         return self.forward(x).argmax(1)
 
 
-def save_segmenter(model: Segmenter, out_dir: str, meta: dict | None = None) -> str:
-    """Write model.safetensors + config.json into out_dir (atomically, through a temporary directory)."""
-    from safetensors.torch import save_file
-
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({"type": CONFIG_TYPE, "config": dataclasses.asdict(model.cfg), "meta": meta or {}}, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def load_segmenter(path: str, device: torch.device | str = "cpu") -> tuple[Segmenter, dict]:
-    """-> (frozen model in eval mode, meta). `path` is the directory save_segmenter wrote."""
-    from safetensors.torch import load_file
-
-    weights, config = os.path.join(path, "model.safetensors"), os.path.join(path, "config.json")
-    for p in (weights, config):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(
-                f"segmenter file {p} not found: train one with `python recipes/train_segmenter.py --out {path}` "
-                "(a few CPU minutes on the synthetic scenes) and pass that directory"
-            )
-    with open(config) as f:
-        blob = json.load(f)
-    if blob.get("type") != CONFIG_TYPE:
-        raise ValueError(f"{config} holds a {blob.get('type')!r} config, expected {CONFIG_TYPE}")
-    known = {f.name for f in dataclasses.fields(SegmenterConfig)}
-    unknown = sorted(set(blob["config"]) - known)
-    if unknown:
-        raise ValueError(f"{config}: unknown segmenter config keys {unknown}")
-    model = Segmenter(SegmenterConfig(**blob["config"]))
-    tensors = load_file(weights)
-    own = model.state_dict()
-    bad = sorted(set(own) ^ set(tensors)) + [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
-    if bad:
-        raise ValueError(f"{weights} does not match its config.json (e.g. {bad[:4]})")
-    model.load_state_dict(tensors)
-    return model.to(device).eval().requires_grad_(False), blob.get("meta", {})
-
-
-__all__ = ["SegmenterConfig", "Segmenter", "save_segmenter", "load_segmenter"]
+__all__ = ["SegmenterConfig", "Segmenter"]

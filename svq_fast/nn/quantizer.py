@@ -39,20 +39,16 @@ the parameter at their next step.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from svq_fast import dist
 from svq_fast.kernels.vq import BACKENDS, vq
 
 GRADS = ("ste", "rotation")
 RESTART_SAMPLING = ("uniform", "error")
 # Statistics kept in fp32 even when the module is cast to fp16/bf16 (e.g. by a DeepSpeed bf16 engine).
 _FP32_BUFFERS = ("ema_cluster_size", "ema_embed_sum", "usage_ema")
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _perplexity(counts: torch.Tensor) -> torch.Tensor:
@@ -221,8 +217,7 @@ class VectorQuantizer(nn.Module):
             packed = torch.cat([counts, sums.flatten()])
         else:
             packed = counts
-        if _dist_on():
-            dist.all_reduce(packed)  # one collective for counts (and EMA sums)
+        dist.all_reduce_sum_(packed)  # one collective for counts (and EMA sums): every rank updates alike
         counts = packed[:k]
         self.step.add_(1)
         self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
@@ -279,8 +274,7 @@ class VectorQuantizer(nn.Module):
             pick = torch.randint(n, (n_dead,), device=x.device)
             new = x[pick].float()
             new = new + 0.01 * x.float().std() * torch.randn_like(new)  # split duplicates
-        if _dist_on():
-            dist.broadcast(new, src=0)
+        dist.broadcast_(new, src=0)
         if self.ema:
             self.embedding.weight[dead] = new.to(self.embedding.weight.dtype)
             self.ema_cluster_size[dead] = 1.0

@@ -1,10 +1,10 @@
-"""Checkpoints (DeepSpeed, resumable) and safetensors exports (weights + config JSON, no pickle).
+"""Checkpoints: DeepSpeed engine state plus per-rank RNG and loader state, resumable exactly (the export a
+finished run writes is svq_fast.export's).
 
 Layout of a run directory:
     checkpoints/step00001000/<engine>/...   DeepSpeed state of each engine (generator, discriminator, gpt)
     checkpoints/step00001000/rng_rank{r}.pt per-rank RNG states
     checkpoints/step00001000/COMPLETE       written last, after every rank finished: marks a usable checkpoint
-    export/model.safetensors, export/config.json
 """
 
 from __future__ import annotations
@@ -18,19 +18,10 @@ import shutil
 import numpy as np
 import torch
 
-from svq_fast.config import from_json, to_json
+from svq_fast import dist
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step(\d{8})$")
-
-
-def _barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def rng_state() -> dict:
@@ -56,16 +47,16 @@ def save_checkpoint(run_dir: str, step: int, engines: dict, client_state: dict, 
     tag_dir = os.path.join(root, f"step{step:08d}")
     for name, engine in engines.items():
         engine.save_checkpoint(tag_dir, tag=name, client_state=client_state if name == next(iter(engines)) else {})
-    torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{_rank()}.pt"))
-    _barrier()
-    if _rank() == 0:
+    torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{dist.rank()}.pt"))
+    dist.barrier()
+    if dist.rank() == 0:
         tmp = os.path.join(tag_dir, COMPLETE + ".tmp")
         with open(tmp, "w") as f:
             json.dump({"step": step, "engines": list(engines)}, f)
         os.replace(tmp, os.path.join(tag_dir, COMPLETE))
         for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    dist.barrier()
     return tag_dir
 
 
@@ -97,75 +88,15 @@ def load_checkpoint(tag_dir: str, engines: dict) -> dict:
         _, state = engine.load_checkpoint(tag_dir, tag=name)
         if name == next(iter(engines)):
             client = state or {}
-    rng_file = os.path.join(tag_dir, f"rng_rank{_rank()}.pt")
+    rng_file = os.path.join(tag_dir, f"rng_rank{dist.rank()}.pt")
     if os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client
-
-
-# ----------------------------------------------------------------------------------------------------
-# safetensors export
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on rank 0 (gathered under ZeRO-3); None on other ranks under ZeRO-3."""
     if engine.zero_optimization_stage() == 3:
         sd = engine._zero3_consolidated_16bit_state_dict()
-        return sd if _rank() == 0 else None
+        return sd if dist.rank() == 0 else None
     return engine.module.state_dict()
-
-
-def export_safetensors(state_dict: dict[str, torch.Tensor], cfg, out_dir: str) -> str:
-    """Write model.safetensors + config.json into out_dir (atomically, via a temporary directory)."""
-    from safetensors.torch import save_file
-
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        f.write(to_json(cfg))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-class ExportMismatch(ValueError):
-    pass
-
-
-def load_state_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy tensors into module, validating names, shapes and dtypes; the error lists every mismatch."""
-    own = module.state_dict()
-    problems = []
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    if missing:
-        problems.append(f"missing {len(missing)}: {missing[:6]}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {unexpected[:6]}")
-    for k in sorted(set(own) & set(tensors)):
-        if own[k].shape != tensors[k].shape:
-            problems.append(f"{k}: shape {tuple(tensors[k].shape)} in file, model expects {tuple(own[k].shape)}")
-        elif tensors[k].dtype.is_floating_point != own[k].dtype.is_floating_point:
-            problems.append(f"{k}: dtype {tensors[k].dtype} in file, model expects {own[k].dtype}")
-    if problems:
-        raise ExportMismatch(f"{source} does not match the model: " + "; ".join(problems))
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
-
-
-def read_export(export_dir: str):
-    """-> (config object, tensors dict). Names the missing file and how to make it."""
-    from safetensors.torch import load_file
-
-    weights = os.path.join(export_dir, "model.safetensors")
-    config = os.path.join(export_dir, "config.json")
-    for path in (weights, config):
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path} not found: export a trained model first (training writes <run_dir>/export/ at the end)"
-            )
-    with open(config) as f:
-        cfg = from_json(f.read())
-    return cfg, load_file(weights)

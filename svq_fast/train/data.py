@@ -6,8 +6,7 @@ import json
 import os
 import shutil
 
-import torch
-
+from svq_fast import dist
 from svq_fast.config import DataConfig
 from svq_fast.data.loader import list_shards, make_loader
 from svq_fast.data.synthetic import SYNTHETIC_VERSION
@@ -37,8 +36,7 @@ def ensure_synthetic(cfg: DataConfig, split: str, num_samples: int, rank: int) -
             seed=cfg.seed,
             samples_per_shard=max(50, num_samples // 8),
         )
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    dist.barrier()
     return out
 
 

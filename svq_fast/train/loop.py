@@ -17,14 +17,10 @@ from typing import Any
 
 import torch
 
-from svq_fast.train.checkpoint import (
-    export_safetensors,
-    full_state_dict,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-)
-from svq_fast.train.engine import all_reduce_mean, any_rank
+from svq_fast import dist
+from svq_fast.dist import all_reduce_mean, any_rank
+from svq_fast.export import export_model
+from svq_fast.train.checkpoint import full_state_dict, load_checkpoint, resolve_resume, save_checkpoint
 from svq_fast.train.logger import RunLogger
 from svq_fast.train.perf import PhaseTimer, device_peak, peak_memory_mib, profiler
 
@@ -207,8 +203,7 @@ def run(cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir:
             f"[{stage.name}] stopped at step {step} ({stop_reason}); checkpoint saved, resume with --run.resume=auto",
             flush=True,
         )
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    dist.barrier()
     return {
         "run_dir": run_dir,
         "history": history,
@@ -247,7 +242,7 @@ def export(cfg, stage: Stage, rank: int, run_dir: str) -> None:
     """Collective under ZeRO-3 (the weights are gathered); rank 0 writes <run_dir>/export."""
     state = full_state_dict(next(iter(stage.engines.values())))
     if rank == 0:
-        export_safetensors(state, cfg, os.path.join(run_dir, "export"))
+        export_model(state, cfg, os.path.join(run_dir, "export"))
 
 
 def _write_history(run_dir: str, history: list[dict]) -> None:

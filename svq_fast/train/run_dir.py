@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from svq_fast import dist
 from svq_fast.config import to_json
 
 
@@ -20,6 +21,5 @@ def prepare_run(cfg, rank: int) -> str:
         # Several CPU ranks on one machine would otherwise each start one thread per core.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    dist.barrier()
     return run_dir

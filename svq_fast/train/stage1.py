@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from svq_fast.config import Stage1Config
 from svq_fast.data.loader import list_shards, make_loader
+from svq_fast.dist import all_reduce_mean, init_deepspeed, nonfinite_anywhere
 from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
 from svq_fast.losses.gan import adaptive_weight, discriminator_loss, generator_adv_loss, lecam_penalty
@@ -26,14 +27,7 @@ from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
 from svq_fast.train.data import resolve_shards, train_loader
-from svq_fast.train.engine import (
-    all_reduce_mean,
-    autocast_dtype,
-    build_engine,
-    device,
-    init_distributed,
-    nonfinite_anywhere,
-)
+from svq_fast.train.engine import autocast_dtype, build_engine, device
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops
 from svq_fast.train.run_dir import prepare_run
@@ -248,7 +242,7 @@ def semantic_class_weights(cfg: Stage1Config, model: SVQModel, shards: list[str]
 
 
 def train_stage1(cfg: Stage1Config) -> dict:
-    rank, world = init_distributed()
+    rank, world = init_deepspeed()
     run_dir = prepare_run(cfg, rank)
     dev = device()
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank

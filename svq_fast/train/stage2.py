@@ -12,41 +12,22 @@ import torch
 
 from svq_fast.config import Stage2Config
 from svq_fast.data.tokens import make_token_loader, read_token_index
+from svq_fast.dist import init_deepspeed, nonfinite_anywhere
+from svq_fast.export import load_tokenizer
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.train import loop
 from svq_fast.train.data import train_loader
-from svq_fast.train.engine import build_engine, device, init_distributed, nonfinite_anywhere
+from svq_fast.train.engine import build_engine, device
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops
-from svq_fast.train.pretrained import load_stage1
 from svq_fast.train.run_dir import prepare_run
-from svq_fast.train.tokens import Tokenizer
-
-
-def build_tokenizer(cfg: Stage2Config, dev) -> Tokenizer:
-    image_model, s1 = load_stage1(cfg.stage1, dev)
-    semantic_model = load_stage1(cfg.stage1_semantic, dev)[0] if cfg.stage1_semantic else None
-    tok = Tokenizer(image_model, semantic_model)
-    g = cfg.model
-    if (g.image_vocab, g.semantic_vocab) != (tok.image_vocab, tok.semantic_vocab):
-        raise ValueError(
-            f"GPT vocabularies (image {g.image_vocab}, semantic {g.semantic_vocab}) differ from the "
-            f"stage-1 codebooks (image {tok.image_vocab}, semantic {tok.semantic_vocab}); "
-            "set --model.image_vocab / --model.semantic_vocab"
-        )
-    latent = s1.model.image_size // s1.model.downsampling
-    if latent != g.grid:
-        raise ValueError(f"stage-1 latents are {latent}x{latent} but model.grid={g.grid}")
-    if cfg.data.image_size != s1.model.image_size:
-        raise ValueError(f"data.image_size={cfg.data.image_size} but the stage-1 model expects {s1.model.image_size}")
-    return tok
 
 
 def train_stage2(cfg: Stage2Config) -> dict:
-    rank, world = init_distributed()
+    rank, world = init_deepspeed()
     run_dir = prepare_run(cfg, rank)
     dev = device()
-    tokenizer = None if cfg.data.token_shards else build_tokenizer(cfg, dev)
+    tokenizer = None if cfg.data.token_shards else load_tokenizer(cfg, dev)
     torch.manual_seed(cfg.run.seed)
     gpt, _, sched = build_engine(SemanticGPT(cfg.model, chunked_ce=cfg.model.chunked_ce), cfg, world_size=world)
     tokens_per_sample = 2 * cfg.model.grid**2  # semantic + image tokens per sequence

@@ -12,11 +12,10 @@ from svq_fast.config import GPTConfig, QuantizerConfig, Stage1Config, Stage2Conf
 from svq_fast.data.loader import make_loader
 from svq_fast.data.make_shards import write_synthetic
 from svq_fast.data.tokens import make_token_loader, read_token_index
+from svq_fast.export import export_model, load_stage1
 from svq_fast.models.svq import SVQModel
-from svq_fast.train.checkpoint import export_safetensors
-from svq_fast.train.pretrained import load_stage1
+from svq_fast.models.tokenizer import Tokenizer
 from svq_fast.train.stage2 import token_train_loader
-from svq_fast.train.tokens import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +38,7 @@ def tokens(tmp_path_factory):
         quantizer=QuantizerConfig(image_codebook_size=64, semantic_codebook_size=32, backend="ref"),
     )
     cfg.data.image_size = 32
-    export_safetensors(SVQModel(cfg.model, cfg.quantizer).state_dict(), cfg, str(tmp / "export"))
+    export_model(SVQModel(cfg.model, cfg.quantizer).state_dict(), cfg, str(tmp / "export"))
     write_synthetic(
         str(tmp / "img"), split="val", size=32, num_samples=10, samples_per_shard=4, processes=1, progress=False
     )

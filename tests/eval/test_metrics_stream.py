@@ -13,7 +13,6 @@ from svq_fast.eval.metrics import (
     CodebookUsage,
     FeatureStats,
     MeanStat,
-    all_reduce_confusion,
     confusion_update,
     per_class_stats,
 )
@@ -149,7 +148,7 @@ def test_without_process_group_all_reduce_is_identity():
     _update(st, pred, target, values, feats, codes, torch.ones(pred.shape[0], dtype=torch.bool))
     before = _summary(st)
     cm, mean, fs, cu = st
-    all_reduce_confusion(cm), mean.all_reduce(), fs.all_reduce(), cu.all_reduce()
+    cm.all_reduce(), mean.all_reduce(), fs.all_reduce(), cu.all_reduce()
     _assert_same(_summary(st), before)
 
 
@@ -163,7 +162,7 @@ def _rank_main(rank, world, init_file, out_dir):
         st = _states()
         _update(st, pred[lo:hi], target[lo:hi], values[lo:hi], feats[lo:hi], codes[lo:hi], keep[lo:hi])
         cm, mean, fs, cu = st
-        all_reduce_confusion(cm), mean.all_reduce(), fs.all_reduce(), cu.all_reduce()
+        cm.all_reduce(), mean.all_reduce(), fs.all_reduce(), cu.all_reduce()
         torch.save(_summary(st), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()

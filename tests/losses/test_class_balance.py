@@ -16,8 +16,7 @@ from svq_fast.models.svq import SVQModel
 from svq_fast.train.data import resolve_shards
 from svq_fast.train.stage1 import semantic_class_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
-from configs import get_config  # noqa: E402
+from svq_fast.named_configs import get_config
 
 
 def _write_index(shard_dir, histogram):

@@ -119,8 +119,7 @@ def test_every_family_config_builds_and_runs():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
-    from configs import CONFIGS
+    from svq_fast.named_configs import CONFIGS
 
     names = [n for n in CONFIGS if n.endswith("_tiny") and not n.startswith("gpt")]
     assert {

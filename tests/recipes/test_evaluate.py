@@ -15,11 +15,9 @@ from svq_fast.data.make_shards import write_synthetic
 from svq_fast.eval.image_metrics import quantize_uint8, ssim
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.eval.ranks import eval_loader, my_batches, split_contiguous
+from svq_fast.export import export_model, load_segmenter, load_stage1
 from svq_fast.models.gpt import SemanticGPT
-from svq_fast.models.segmenter import load_segmenter
 from svq_fast.models.svq import SVQModel
-from svq_fast.train.checkpoint import export_safetensors
-from svq_fast.train.pretrained import load_stage1
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
@@ -46,7 +44,7 @@ def assets(tmp_path_factory):
     torch.manual_seed(0)
     cfg = configs.svqgan_tiny()
     cfg.model.ch = 16
-    export_safetensors(SVQModel(cfg.model, cfg.quantizer).state_dict(), cfg, str(tmp / "stage1"))
+    export_model(SVQModel(cfg.model, cfg.quantizer).state_dict(), cfg, str(tmp / "stage1"))
     write_synthetic(str(tmp / "val"), split="val", size=64, num_samples=14, samples_per_shard=5, progress=False)
     vgg = tmp / "vgg16.pth"
     torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, vgg)
@@ -298,7 +296,7 @@ def test_stage2_end_to_end(assets):
         stage1=assets["stage1"],
         data=DataConfig(image_size=64),
     )
-    export_safetensors(SemanticGPT(cfg.model).state_dict(), cfg, str(tmp / "gpt"))
+    export_model(SemanticGPT(cfg.model).state_dict(), cfg, str(tmp / "gpt"))
     args = [
         "--mode",
         "stage2",

@@ -4,15 +4,9 @@ import pytest
 import torch
 
 from svq_fast.config import GPTConfig, Stage2Config
+from svq_fast.export import ExportMismatch, export_model, load_gpt, load_stage1
 from svq_fast.models.gpt import SemanticGPT
-from svq_fast.train.checkpoint import (
-    COMPLETE,
-    ExportMismatch,
-    complete_checkpoints,
-    export_safetensors,
-    resolve_resume,
-)
-from svq_fast.train.pretrained import load_gpt, load_stage1
+from svq_fast.train.checkpoint import COMPLETE, complete_checkpoints, resolve_resume
 
 
 def small_cfg():
@@ -22,7 +16,7 @@ def small_cfg():
 def test_export_roundtrip(tmp_path):
     cfg = small_cfg()
     m = SemanticGPT(cfg.model)
-    export_safetensors(m.state_dict(), cfg, str(tmp_path / "export"))
+    export_model(m.state_dict(), cfg, str(tmp_path / "export"))
     loaded, cfg2 = load_gpt(str(tmp_path / "export"))
     assert cfg2 == cfg
     for k, v in m.state_dict().items():
@@ -34,7 +28,7 @@ def test_export_mismatch_names_tensor(tmp_path):
     sd = SemanticGPT(cfg.model).state_dict()
     sd["head.weight"] = torch.zeros(21, 16)
     del sd["ln_f.weight"]
-    export_safetensors(sd, cfg, str(tmp_path / "e"))
+    export_model(sd, cfg, str(tmp_path / "e"))
     with pytest.raises(ExportMismatch, match=r"head\.weight: shape \(21, 16\).*|missing.*ln_f\.weight"):
         load_gpt(str(tmp_path / "e"))
 
@@ -46,7 +40,7 @@ def test_missing_export_names_path(tmp_path):
 
 def test_wrong_stage_export_is_refused(tmp_path):
     cfg = small_cfg()
-    export_safetensors(SemanticGPT(cfg.model).state_dict(), cfg, str(tmp_path / "e"))
+    export_model(SemanticGPT(cfg.model).state_dict(), cfg, str(tmp_path / "e"))
     with pytest.raises(ValueError, match="stage-1"):
         load_stage1(str(tmp_path / "e"))
 

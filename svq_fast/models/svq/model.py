@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from svq_fast import dist
 from svq_fast.config import QuantizerConfig, SVQModelConfig
 from svq_fast.nn.quantizer import VectorQuantizer
 from svq_fast.nn.semantic_input import SemanticConv
@@ -185,8 +186,7 @@ class SVQModel(nn.Module):
         p = self.cfg.latent_swap
         if not (self.training and p > 0 and self.has_semantic and z_x.shape[0] > 1):
             return z_x
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        gen = torch.Generator().manual_seed(int(self.latent_swap_draws) * 1_000_003 + rank)
+        gen = torch.Generator().manual_seed(int(self.latent_swap_draws) * 1_000_003 + dist.rank())
         self.latent_swap_draws += 1
         swap = (torch.rand(z_x.shape[0], generator=gen) < p).to(z_x.device).view(-1, 1, 1, 1)
         return torch.where(swap, z_x.roll(1, 0), z_x)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from configs import get_config
-
 from svq_fast.config import ConfigError, apply_overrides
+from svq_fast.named_configs import get_config
 
 
 def parse(argv: list[str], default: str, expected_type: type):

@@ -1,0 +1,160 @@
+"""The one owner of rank, world size, process-group set-up and the collectives every layer uses.
+
+Everything here works with or without a process group: without one, this process is rank 0 of a world of 1
+and every collective is the identity. Collective tensors live on `comm_device()` (NCCL wants this rank's GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as tdist
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def rank_world() -> tuple[int, int]:
+    return rank(), world_size()
+
+
+def is_multi_rank() -> bool:
+    return world_size() > 1
+
+
+def barrier() -> None:
+    if is_initialized():
+        tdist.barrier()
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live for the current backend (NCCL: this rank's GPU)."""
+    if is_initialized() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# -- joining the launcher's process group ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_deepspeed() -> tuple[int, int]:
+    """Join the process group set up by the launcher (deepspeed / torchrun / accelerate), or make a
+    single-process one when the script was started with plain `python`. Returns (rank, world_size)."""
+    import deepspeed
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    if not is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=None if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False, verbose=False
+        )
+        if not torch.cuda.is_available():  # the shm workspace belongs to DeepSpeed's CPU accelerator only
+            release_shm_allreduce_name(rank())
+    return rank_world()
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join a torch.distributed group when the launcher's environment asks for more than one rank (no DeepSpeed:
+    for jobs such as offline tokenization). Returns (rank, world_size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized():
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_world()
+
+
+def shm_allreduce_path(rank_: int) -> str:
+    """/dev/shm file of DeepSpeed's CPU shared-memory allreduce workspace for `rank_` of this launch
+    (the name deepspeed/ops/csrc/cpu/comm/shm.cpp gives it: uid, MASTER_ADDR, MASTER_PORT, rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_}"
+
+
+def release_shm_allreduce_name(rank_: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory allreduce file once every rank has mapped it.
+
+    DeepSpeed (0.19) creates one ~66 MB /dev/shm file per rank when all ranks are local (LOCAL_SIZE == world size,
+    as under the deepspeed launcher) and never removes it, so every launch would leave its workspace in RAM. Each
+    rank maps all ranks' files inside deepspeed.init_distributed, so after a barrier the names can go; the mappings
+    stay valid and the memory is returned when the processes exit, also when they crash.
+    """
+    barrier()
+    try:
+        os.unlink(shm_allreduce_path(rank_))
+    except FileNotFoundError:  # not a local-ranks launch (torchrun, accelerate, plain python): nothing was created
+        pass
+
+
+# -- collectives --------------------------------------------------------------------------------------
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In-place global sum of a tensor on any device (returned for chaining); identity without a group."""
+    if is_multi_rank():
+        buf = t.to(comm_device())
+        tdist.all_reduce(buf)
+        if buf is not t:
+            t.copy_(buf.to(t.device))
+    return t
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast of rank src's tensor to every rank (returned for chaining)."""
+    if is_multi_rank():
+        buf = t.to(comm_device())
+        tdist.broadcast(buf, src=src)
+        if buf is not t:
+            t.copy_(buf.to(t.device))
+    return t
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of a same-shaped tensor, in rank order, on t's device (a one-element list alone)."""
+    if not is_multi_rank():
+        return [t]
+    buf = t.to(comm_device())
+    out = [torch.empty_like(buf) for _ in range(world_size())]
+    tdist.all_gather(out, buf)
+    return [o.to(t.device) for o in out]
+
+
+def all_reduce_mean(values: dict[str, float], dev: torch.device) -> dict[str, float]:
+    """Average scalar metrics over ranks (one collective for the whole dict)."""
+    if not values or not is_multi_rank():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dev)
+    tdist.all_reduce(t)
+    t /= world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def any_rank(flag: bool, dev: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one (e.g. a stop request, a non-finite loss)."""
+    if not is_multi_rank():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def nonfinite_anywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is NaN/inf on any rank; all ranks must agree before skipping a backward."""
+    return any_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device)
