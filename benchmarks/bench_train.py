@@ -63,7 +63,8 @@ def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | 
         "--run.keep_last=1",
     ]
     if recipe == "stage1":
-        overrides.append("--loss.disc_start=0")  # measure the full GAN step
+        # the full GAN step; no LPIPS: the benchmark machines hold no VGG-16 weights (asking for them is an error)
+        overrides += ["--loss.disc_start=0", "--loss.perceptual_weight=0"]
     else:
         overrides.append(f"--stage1={stage1_export}")
     cfg = apply_overrides(cfg, overrides + _variant_overrides(recipe, variant))

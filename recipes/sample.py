@@ -20,7 +20,7 @@ from svq_fast.data.loader import list_shards, make_loader
 from svq_fast.eval.sampling import sample_image_tokens
 from svq_fast.eval.visualize import colorize, grid, save_png, to_unit
 from svq_fast.export import load_gpt, load_tokenizer
-from svq_fast.train.data import resolve_shards
+from svq_fast.train.data import shards_or_synthetic
 
 
 def main(argv=None) -> int:
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(cfg.sample, field))
     tokenizer = load_tokenizer(cfg, dev)
-    shards = list_shards(args.shards) if args.shards else resolve_shards(cfg.data, "val", 0)
+    shards = list_shards(args.shards) if args.shards else shards_or_synthetic(cfg.data, "val", 0)
     loader = make_loader(
         shards, batch_size=args.num_maps, image_size=cfg.data.image_size, resampled=False, flip=False, shuffle_buffer=1
     )

@@ -28,7 +28,7 @@ from svq_fast.eval.metrics import confusion_update, per_class_stats
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.export import export_segmenter
 from svq_fast.models.segmenter import Segmenter, SegmenterConfig
-from svq_fast.train.data import resolve_shards
+from svq_fast.train.data import shards_or_synthetic
 
 
 @torch.no_grad()
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = DataConfig(image_size=args.image_size, synthetic_default=args.data_root, seed=args.seed)
-    train_shards = list_shards(args.train_shards) if args.train_shards else resolve_shards(data, "train", 0)
-    val_shards = list_shards(args.val_shards) if args.val_shards else resolve_shards(data, "val", 0)
+    train_shards = list_shards(args.train_shards) if args.train_shards else shards_or_synthetic(data, "train", 0)
+    val_shards = list_shards(args.val_shards) if args.val_shards else shards_or_synthetic(data, "val", 0)
 
     cfg = SegmenterConfig(
         num_classes=args.num_classes, width=args.width, levels=args.levels, image_size=args.image_size

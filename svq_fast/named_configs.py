@@ -44,21 +44,21 @@ def svqgan_f16_256() -> Stage1Config:
 def svqgan_tiny() -> Stage1Config:
     """CPU-sized sVQGAN on the synthetic 64x64 scenes: downsampling 4, so latents are still 16x16.
 
-    Tuned for a few hundred CPU steps (single-process probes, batch 16, held-out semantic mIoU; numbers in the
-    issue-6 closing note): no ResBlocks outside the mid blocks (0.37 vs 0.28 with one per level after 150 steps,
-    no quantizer), Adam lr 3e-3 with betas (0.9, 0.99) (0.28 vs 0.14 at lr 1e-3, betas (0.5, 0.9) after 100 steps),
-    dead codes restarted after 20 steps, inverse-sqrt class-balanced semantic cross-entropy with a cosine lr decay
-    (0.53 vs 0.38 at 300 steps: the small object classes are what mIoU waits for), and the paper's 4096 semantic
-    codes: coding each 4x4 label patch with 256 patterns caps mIoU at 0.79 on this data, 1024 at 0.88, 4096 at 0.94
-    (recipes/experiments/semantic_codebook_bound.py). The semantic decoder is the sub-pixel one (two 128-wide
-    ResBlocks at 16x16, then one conv to 16 x 16 logits per latent): 0.73 after 300 steps against 0.44 with the
-    conv decoder mirroring the image decoder, at about 30% less time per step. A linear embedding of each latent's
-    4x4 label patch is added to z_s (`semantic_patch_input`, nn/semantic_patch.py), beside the shared encoder:
-    0.73 / 0.82 / 0.85 after 100 / 200 / 300 steps against 0.30 / 0.63 / 0.76 without it, and 89.75% against
-    83.35% semantic mIoU from the real 600-step recipe (2 ranks, GAN). Dead codes restart at latents drawn by
-    their quantization error (k-means++-style), which gives the freed codes to the thin objects' label patches:
-    90.28% against 89.75% with uniform restarts (real recipe); semantic-only probe 0.870 / 0.880 against
-    0.852 / 0.872 (two seeds).
+    Tuned for a few hundred CPU steps (single-process probes, batch 16, held-out semantic mIoU; the real-recipe runs
+    are under benchmarks/results/svqgan_tiny_*_cpu/): no ResBlocks outside the mid blocks (0.37 vs 0.28 with one per
+    level after 150 steps, no quantizer), Adam lr 3e-3 with betas (0.9, 0.99) (0.28 vs 0.14 at lr 1e-3, betas (0.5,
+    0.9) after 100 steps), dead codes restarted after 20 steps, inverse-sqrt class-balanced semantic cross-entropy
+    with a cosine lr decay (0.53 vs 0.38 at 300 steps: the small object classes are what mIoU waits for), and the
+    paper's 4096 semantic codes: coding each 4x4 label patch with 256 patterns caps mIoU at 0.79 on this data, 1024
+    at 0.88, 4096 at 0.94 (recipes/experiments/semantic_codebook_bound.py). The semantic decoder is the sub-pixel
+    one (two 128-wide ResBlocks at 16x16, then one conv to 16 x 16 logits per latent): 0.73 after 300 steps against
+    0.44 with the conv decoder mirroring the image decoder, at about 30% less time per step. A linear embedding of
+    each latent's 4x4 label patch is added to z_s (`semantic_patch_input`, nn/semantic_patch.py), beside the shared
+    encoder: 0.73 / 0.82 / 0.85 after 100 / 200 / 300 steps against 0.30 / 0.63 / 0.76 without it, and 89.75%
+    against 83.35% semantic mIoU from the real 600-step recipe (2 ranks, GAN). Dead codes restart at latents drawn
+    by their quantization error (k-means++-style), which gives the freed codes to the thin objects' label patches:
+    90.28% against 89.75% with uniform restarts (real recipe); semantic-only probe 0.870 / 0.880 against 0.852 /
+    0.872 (two seeds).
 
     Image side (the demo recipe, 2 ranks x 8; benchmarks/results/demo_cpu/, README "Do the samples follow their
     maps?"): the image decoder is the SPADE one (`image_decoder_semantic="spade"`, 32 hidden channels, 1x1

@@ -14,9 +14,9 @@ from svq_fast.config import (
     to_deepspeed,
     to_json,
 )
+from svq_fast.named_configs import CONFIGS, get_config
 
 ROOT = Path(__file__).resolve().parents[1]
-from svq_fast.named_configs import CONFIGS, get_config
 
 
 def test_overrides_parse_each_type():

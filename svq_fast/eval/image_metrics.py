@@ -21,12 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from svq_fast.eval.visualize import to_unit
+
 SSIM_KERNEL, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], clamped."""
-    return ((x + 1) / 2).clamp(0, 1)
 
 
 def quantize_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -100,4 +97,4 @@ class LPIPSMetric(nn.Module):
         return self.loss.model(x.float(), y.float()).flatten().double()  # (B,)
 
 
-__all__ = ["to_unit", "quantize_uint8", "ssim", "psnr", "LPIPSMetric"]
+__all__ = ["quantize_uint8", "ssim", "psnr", "LPIPSMetric"]

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from svq_fast.data.labels import space_for
 from svq_fast.eval.fid import save_stats
 from svq_fast.eval.metrics import per_class_stats
 from svq_fast.eval.miou import ConfusionMatrix
@@ -112,7 +113,7 @@ def evaluate(args, ranks, dev, task) -> dict:
     metrics.update(extra)
     rows = [
         {"class": r["class"], "id": r["id"], "gt_pixel_share": r["gt_pixel_share"]}
-        for r in per_class_stats(truth, class_names(task.num_classes))
+        for r in per_class_stats(truth, space_for(task.num_classes).names)
     ]
     columns = task.per_class_columns()
     if task.has_image and scorer.segmenter is not None:
@@ -147,16 +148,6 @@ def evaluate(args, ranks, dev, task) -> dict:
             "seconds": round(seconds, 2),
         },
     }
-
-
-def class_names(num_classes: int) -> list[str]:
-    from svq_fast.data.labels import get_space
-
-    for space in ("synthetic", "unified"):
-        s = get_space(space)
-        if s.num_classes == num_classes:
-            return list(s.names)
-    return [f"class_{i}" for i in range(num_classes)]
 
 
 def run_evaluation(cfg: EvalConfig) -> dict:

@@ -16,7 +16,7 @@ from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.eval.sampling import sample_image_tokens
 from svq_fast.eval.scorer import Scorer
 from svq_fast.export import load_gpt, load_stage1, load_tokenizer
-from svq_fast.train.data import resolve_shards
+from svq_fast.train.data import shards_or_synthetic
 
 
 class Stage1Task:
@@ -30,7 +30,7 @@ class Stage1Task:
         self.run_name, self.image_size = cfg.run.name, m.image_size
         self.num_classes, self.ignore_index = m.num_classes, m.ignore_index
         self.has_image, self.has_semantic = self.model.has_image, self.model.has_semantic
-        self.shards = list_shards(args.shards) if args.shards else resolve_shards(cfg.data, "val", ranks.rank)
+        self.shards = list_shards(args.shards) if args.shards else shards_or_synthetic(cfg.data, "val", ranks.rank)
         self.semantic = ConfusionMatrix(m.num_classes, m.ignore_index)
         # coupled models: the semantic map reconstructed from z_s encoded without the reference image
         self.coupled = m.kind == "svq"
@@ -99,7 +99,7 @@ class Stage2Task:
         m = (self.tokenizer.semantic_model or self.tokenizer.image_model).cfg
         self.run_name, self.num_classes, self.ignore_index = cfg.run.name, m.num_classes, m.ignore_index
         self.image_size, self.grid, self.dev = cfg.data.image_size, cfg.model.grid, dev
-        self.shards = list_shards(args.shards) if args.shards else resolve_shards(cfg.data, "val", ranks.rank)
+        self.shards = list_shards(args.shards) if args.shards else shards_or_synthetic(cfg.data, "val", ranks.rank)
         sample = cfg.sample
         self.sampling = {
             "temperature": sample.temperature if args.temperature is None else args.temperature,

@@ -1,34 +1,26 @@
-"""Turning images and semantic maps into pictures: a fixed class palette and row-major grids."""
+"""Turning images and semantic maps into pictures: maps in their label space's palette, row-major grids."""
 
 from __future__ import annotations
-
-import colorsys
 
 import numpy as np
 import torch
 
-
-def palette(num_classes: int, ignore_index: int = 255) -> np.ndarray:
-    """(256, 3) uint8; class c gets a well-spread hue (golden-ratio steps), ignore is black."""
-    pal = np.zeros((256, 3), np.uint8)
-    for c in range(min(num_classes, 256)):
-        h = (c * 0.618033988749895) % 1.0
-        s = 0.55 + 0.45 * ((c * 7) % 3) / 2
-        v = 0.65 + 0.35 * ((c * 5) % 2)
-        pal[c] = np.round(np.array(colorsys.hsv_to_rgb(h, s, v)) * 255)
-    pal[ignore_index] = 0
-    return pal
+from svq_fast.data.labels import space_for
 
 
 def colorize(labels: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """labels (B, H, W) int -> (B, 3, H, W) float in [0, 1]."""
-    pal = torch.from_numpy(palette(num_classes, ignore_index)).to(labels.device)
+    """labels (B, H, W) int -> (B, 3, H, W) float in [0, 1], in the palette of the model's label space
+    (svq_fast.data.labels.space_for); ignore is black, ids outside the space white."""
+    table = np.full((256, 3), 255, np.uint8)
+    table[:num_classes] = space_for(num_classes).palette[:256]
+    table[ignore_index] = 0
+    pal = torch.from_numpy(table).to(labels.device)
     return pal[labels.clamp(0, 255).long()].permute(0, 3, 1, 2).float() / 255.0
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1]."""
-    return ((images.float() + 1) / 2).clamp(0, 1)
+    """Images in [-1, 1] -> [0, 1], clamped (dtype kept)."""
+    return ((images + 1) / 2).clamp(0, 1)
 
 
 def grid(rows: list[list[torch.Tensor]], pad: int = 2) -> torch.Tensor:

@@ -9,7 +9,6 @@ puts it under ~/.cache/torch/hub/checkpoints/). Its `features.{i}.*` tensors map
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 from torch import nn
@@ -68,16 +67,14 @@ class LPIPSLoss(nn.Module):
 
 
 def build_perceptual(weight: float, vgg_path: str) -> LPIPSLoss | None:
-    """The LPIPS loss if enabled and its backbone file exists; otherwise None with one clear warning."""
+    """The LPIPS loss when weight > 0, else None. A requested loss that cannot be built is an error naming the
+    file: training silently without it would be a different run from the one asked for."""
     if weight <= 0:
         return None
-    if not vgg_path or not os.path.exists(vgg_path):
-        warnings.warn(
-            f"loss.perceptual_weight={weight} but the VGG-16 backbone file {vgg_path or '(loss.lpips_vgg_path unset)'} "
-            "does not exist: the perceptual loss is DISABLED for this run. Point loss.lpips_vgg_path at "
-            "torchvision's vgg16-397923af.pth to enable it.",
-            RuntimeWarning,
-            stacklevel=2,
+    if not vgg_path or not os.path.isfile(vgg_path):
+        raise FileNotFoundError(
+            f"loss.perceptual_weight={weight} needs the VGG-16 backbone file, but "
+            f"{repr(vgg_path) if vgg_path else 'loss.lpips_vgg_path (unset)'} is not a file: point "
+            "--loss.lpips_vgg_path at torchvision's vgg16-397923af.pth, or pass --loss.perceptual_weight=0"
         )
-        return None
     return LPIPSLoss(vgg_path)

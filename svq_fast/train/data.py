@@ -1,4 +1,4 @@
-"""Resolving a run's shards (generating the built-in synthetic data on first use) and building its loader."""
+"""A run's shards (the configured ones, or the built-in synthetic set written on first use) and its loader."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def ensure_synthetic(cfg: DataConfig, split: str, num_samples: int, rank: int) -
     return out
 
 
-def resolve_shards(cfg: DataConfig, split: str, rank: int) -> list[str]:
+def shards_or_synthetic(cfg: DataConfig, split: str, rank: int) -> list[str]:
+    """The shards the config names for `split`, or, when it names none, the built-in synthetic set: written on
+    first use by rank 0 (ensure_synthetic) and reused after. Collective: every rank must call it."""
     spec = cfg.train_shards if split == "train" else cfg.val_shards
     if not spec:
         spec = ensure_synthetic(cfg, split, cfg.synthetic_train_samples if split == "train" else 256, rank)
@@ -67,7 +69,7 @@ class _RankSlice:
 
 def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, shards: list[str] | None = None):
     """Endless loader of this rank's micro-batches; `shards` = already resolved training shards (else resolved here)."""
-    shards = shards if shards is not None else resolve_shards(cfg, "train", rank)
+    shards = shards if shards is not None else shards_or_synthetic(cfg, "train", rank)
     if cfg.global_stream:
         loader = make_loader(
             shards,

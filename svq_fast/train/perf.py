@@ -77,6 +77,15 @@ class PhaseTimer:
         self.totals: dict[str, float] = {}
 
     @contextlib.contextmanager
+    def sampled(self, on: bool):
+        """Time the phases inside this block only when `on` (the loop samples one step per logging window)."""
+        self.enabled = on
+        try:
+            yield
+        finally:
+            self.enabled = False
+
+    @contextlib.contextmanager
     def __call__(self, phase: str):
         if not self.enabled:
             yield

@@ -1,8 +1,9 @@
-"""Stage-1 training loop: the sVQ model (generator engine) and the PatchGAN (discriminator engine).
+"""Stage 1: the sVQ model (generator engine) and the PatchGAN (discriminator engine) under the shared loop.
 
-Per optimizer step and micro-batch:
-  1. generator: L = L_rec + L_vq,x + lambda (CE_s + L_vq,s) [+ d_weight * disc_weight * L_adv once past disc_start]
-  2. discriminator: hinge loss on (x, sg[x_hat]), trained from disc_start - disc_warmup on.
+Per micro-batch (Stage1.micro_step):
+  1. generator forward -> generator_loss: L = L_rec + L_vq,x + lambda (CE_s + L_vq,s)
+     [+ d_weight * disc_weight * L_adv once past disc_start] -> generator step;
+  2. discriminator_step: GAN loss on (x, sg[x_hat]) [+ LeCam], trained from disc_start - disc_warmup on.
 The generator's adversarial term must not leave reduction state in the discriminator engine (DESIGN.md 6):
 under ZeRO 0-2 it runs the discriminator functionally on detached weights; under ZeRO-3 (where weights are
 partitioned and gathered by module hooks) it runs the module with requires_grad switched off.
@@ -26,7 +27,7 @@ from svq_fast.losses.perceptual import build_perceptual
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
-from svq_fast.train.data import resolve_shards, train_loader
+from svq_fast.train.data import shards_or_synthetic, train_loader
 from svq_fast.train.engine import autocast_dtype, build_engine, device
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops
@@ -60,44 +61,48 @@ def _weight_shape(param: torch.Tensor):
     return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape in ds_shape
 
 
-class Stage1Step:
+class Stage1(Stage):
     """One micro-batch: generator forward -> generator loss (named terms) -> generator step -> discriminator step.
-    Returns detached scalars for logging ({} when a non-finite loss made every rank skip the micro-batch)."""
+    micro_step returns detached scalars for logging ({} when a non-finite loss made every rank skip it)."""
+
+    name = "stage1"
+    progress_keys = ("rec", "adv_term", "sem_ce", "d_loss")
+    throughput_unit = ("images", 1)
 
     def __init__(
         self,
         cfg: Stage1Config,
-        gen,
-        disc,
+        engines: dict,
+        loader,
         dev: torch.device,
+        *,
+        perceptual=None,
         class_weight: torch.Tensor | None = None,
         heldout: dict | None = None,
     ):
-        self.cfg, self.gen, self.disc, self.dev = cfg, gen, disc, dev
-        self.class_weight = None if class_weight is None else class_weight.to(dev)  # (C,) semantic CE weights
-        self.last: dict = {}
-        self.timer = PhaseTimer(dev)
-        self.perceptual = build_perceptual(cfg.loss.perceptual_weight, cfg.loss.lpips_vgg_path)
-        if self.perceptual is not None:
-            self.perceptual.to(dev)
-        self.model: SVQModel = gen.module
+        super().__init__(engines, loader, PhaseTimer(dev))
+        self.cfg, self.dev = cfg, dev
+        self.gen, self.disc = engines["generator"], engines.get("discriminator")
+        self.model: SVQModel = self.gen.module
         self.dtype = autocast_dtype(cfg)
+        self.perceptual = perceptual  # LPIPS module or None
+        self.class_weight = None if class_weight is None else class_weight.to(dev)  # (C,) semantic CE weights
         # a fixed held-out batch (same on every rank) for the discriminator's health: real vs reconstruction logits
         self.heldout = heldout
+        self.last: dict = {}  # the latest micro-batch's inputs and outputs, for the TensorBoard image grid
 
-    def __call__(self, batch: dict, step: int) -> dict[str, float]:
+    def lr(self) -> float:
+        return self.gen.lr_scheduler.get_last_lr()[0]
+
+    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
         m, dev = self.model, self.dev
         x = batch["image"].to(dev, self.dtype) if m.has_image else None
         s = batch["label"].to(dev) if m.has_semantic else None
         with self.timer("forward"):
             out = self.gen(x, s)
         loss, reported, logs = self.generator_loss(out, x, s, step)
-        if nonfinite_anywhere(reported):
+        if not self.generator_step(loss, reported):
             return {}  # every rank skips this micro-batch (the loop counts it and may stop the run)
-        with self.timer("backward"):
-            self.gen.backward(loss)
-        with self.timer("optimizer"):
-            self.gen.step()
         logs["loss"] = reported.item()
         self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_labels": out.get("s_labels")}
         if self.disc is not None and step >= self.cfg.loss.disc_start - self.cfg.loss.disc_warmup:
@@ -108,6 +113,10 @@ class Stage1Step:
             if self.heldout is not None and (step + 1) % self.cfg.log.every == 0:
                 logs.update(self.discriminator_health())
         return logs
+
+    def log_images(self, step: int, log) -> None:
+        if self.cfg.log.image_every and step % self.cfg.log.image_every == 0 and self.last:
+            log.image(step, "reconstructions", _image_grid(self.last, self.cfg))
 
     # -- generator ------------------------------------------------------------------------------------
 
@@ -182,6 +191,17 @@ class Stage1Step:
         }
         return weight * (ce + out["vq_loss_s"]), logs
 
+    def generator_step(self, loss: torch.Tensor, reported: torch.Tensor) -> bool:
+        """Backward and optimizer step of the generator; False (no step on any rank) when the loss is
+        non-finite on some rank."""
+        if nonfinite_anywhere(reported):
+            return False
+        with self.timer("backward"):
+            self.gen.backward(loss)
+        with self.timer("optimizer"):
+            self.gen.step()
+        return True
+
     # -- discriminator --------------------------------------------------------------------------------
 
     def discriminator_step(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
@@ -241,51 +261,31 @@ def semantic_class_weights(cfg: Stage1Config, model: SVQModel, shards: list[str]
     return weights
 
 
-def train_stage1(cfg: Stage1Config) -> dict:
+def train_stage1(cfg: Stage1Config, after_step=()) -> dict:
+    """Build the engines, the loader and the stage, then run the shared loop (after_step: test callbacks)."""
     rank, world = init_deepspeed()
     run_dir = prepare_run(cfg, rank)
     dev = device()
+    perceptual = build_perceptual(
+        cfg.loss.perceptual_weight, cfg.loss.lpips_vgg_path
+    )  # fails early if asked and absent
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = SVQModel(cfg.model, cfg.quantizer)
-    shards = resolve_shards(cfg.data, "train", rank)  # once: class weights and the loader read the same list
+    shards = shards_or_synthetic(cfg.data, "train", rank)  # once: class weights and the loader read the same list
     class_weight = semantic_class_weights(cfg, model, shards, rank)
     if model.has_semantic:
         model.set_semantic_class_weight(class_weight)  # saved with the model: semantic_labels undoes the weights
-    gen, _, gen_sched = build_engine(model, cfg, world_size=world)
-    disc = None
-    engines = {"generator": gen}
+    engines = {"generator": build_engine(model, cfg, world_size=world)[0]}
     if cfg.loss.gan and model.has_image:
         lecam = cfg.loss.lecam_weight > 0
         d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers, lecam=lecam)
-        disc, _, _ = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)
-        engines["discriminator"] = disc
-    heldout = heldout_batch(cfg) if disc is not None else None
-    step_fn = Stage1Step(cfg, gen, disc, dev, class_weight, heldout)
-
-    def throughput(samples: int, seconds: float) -> dict[str, float]:
-        return {
-            "throughput/samples_per_s": samples * world / seconds,
-            "throughput/images_per_s_per_rank": samples / seconds,
-        }
-
-    def on_log(step: int, log) -> None:
-        if cfg.log.image_every and step % cfg.log.image_every == 0 and step_fn.last:
-            log.image(step, "reconstructions", _image_grid(step_fn.last, cfg))
-
+        engines["discriminator"] = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)[0]
+    heldout = heldout_batch(cfg) if "discriminator" in engines else None
     loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, shards)
-    stage = Stage(
-        "stage1",
-        engines,
-        step_fn,
-        loader,
-        throughput,
-        on_log,
-        lr=lambda: gen_sched.get_last_lr()[0],
-        flops_per_sample=stage1_flops_per_sample(cfg, dev),
-        timer=step_fn.timer,
-        progress_keys=("rec", "adv_term", "sem_ce", "d_loss"),
-    )
-    return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir)
+    stage = Stage1(cfg, engines, loader, dev, perceptual=None if perceptual is None else perceptual.to(dev),
+                   class_weight=class_weight, heldout=heldout)  # fmt: skip
+    stage.flops_per_sample = stage1_flops_per_sample(cfg, dev)
+    return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir, after_step=after_step)
 
 
 def heldout_batch(cfg: Stage1Config) -> dict | None:

@@ -1,4 +1,4 @@
-"""Stage-2 training loop: the GPT learns p(z_x | z_s) on tokens from the frozen stage-1 model(s).
+"""Stage 2: the GPT learns p(z_x | z_s) on tokens from the frozen stage-1 model(s), under the shared loop.
 
 Tokens are computed on the fly from image shards by the frozen encoder (every rank tokenizes its own
 micro-batch); the loss is cross-entropy on image tokens only.
@@ -15,6 +15,7 @@ from svq_fast.data.tokens import make_token_loader, read_token_index
 from svq_fast.dist import init_deepspeed, nonfinite_anywhere
 from svq_fast.export import load_tokenizer
 from svq_fast.models.gpt import SemanticGPT
+from svq_fast.models.tokenizer import Tokenizer
 from svq_fast.train import loop
 from svq_fast.train.data import train_loader
 from svq_fast.train.engine import build_engine, device
@@ -23,53 +24,52 @@ from svq_fast.train.perf import PhaseTimer, count_flops
 from svq_fast.train.run_dir import prepare_run
 
 
-def train_stage2(cfg: Stage2Config) -> dict:
+class Stage2(Stage):
+    """One micro-batch: tokens (from token shards, or the frozen stage-1 tokenizer) -> GPT forward (cross-entropy
+    on the image tokens) -> backward -> optimizer step."""
+
+    name = "stage2"
+
+    def __init__(self, cfg: Stage2Config, gpt, loader, dev: torch.device, tokenizer: Tokenizer | None):
+        super().__init__({"gpt": gpt}, loader, PhaseTimer(dev))
+        self.gpt, self.dev, self.tokenizer = gpt, dev, tokenizer  # tokenizer None: batches hold tokens already
+        self.throughput_unit = ("tokens", 2 * cfg.model.grid**2)  # semantic + image tokens per sequence
+
+    def lr(self) -> float:
+        return self.gpt.lr_scheduler.get_last_lr()[0]
+
+    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
+        dev = self.dev
+        if self.tokenizer is None:
+            sem, img = batch["sem"].to(dev), batch["img"].to(dev)
+        else:
+            sem, img = self.tokenizer(batch["image"].to(dev), batch["label"].to(dev))
+        with self.timer("forward"):
+            _, loss = self.gpt(sem, img)
+        if nonfinite_anywhere(loss):
+            return {}
+        with self.timer("backward"):
+            self.gpt.backward(loss)
+        with self.timer("optimizer"):
+            self.gpt.step()
+        return {"loss": loss.item()}
+
+
+def train_stage2(cfg: Stage2Config, after_step=()) -> dict:
+    """Build the tokenizer, the GPT engine, the loader and the stage, then run the shared loop."""
     rank, world = init_deepspeed()
     run_dir = prepare_run(cfg, rank)
     dev = device()
     tokenizer = None if cfg.data.token_shards else load_tokenizer(cfg, dev)
     torch.manual_seed(cfg.run.seed)
-    gpt, _, sched = build_engine(SemanticGPT(cfg.model, chunked_ce=cfg.model.chunked_ce), cfg, world_size=world)
-    tokens_per_sample = 2 * cfg.model.grid**2  # semantic + image tokens per sequence
-    timer = PhaseTimer(dev)
-
-    def micro_step(batch: dict, step: int) -> dict[str, float]:
-        if tokenizer is None:  # token shards
-            sem, img = batch["sem"].to(dev), batch["img"].to(dev)
-        else:
-            sem, img = tokenizer(batch["image"].to(dev), batch["label"].to(dev))
-        with timer("forward"):
-            _, loss = gpt(sem, img)
-        if nonfinite_anywhere(loss):
-            return {}
-        with timer("backward"):
-            gpt.backward(loss)
-        with timer("optimizer"):
-            gpt.step()
-        return {"loss": loss.item()}
-
-    def throughput(samples: int, seconds: float) -> dict[str, float]:
-        return {
-            "throughput/samples_per_s": samples * world / seconds,
-            "throughput/tokens_per_s_per_rank": samples * tokens_per_sample / seconds,
-        }
-
-    loader = (
-        token_train_loader(cfg, rank, world)
-        if cfg.data.token_shards
-        else train_loader(cfg.data, cfg.optim.micro_batch, rank, world)
-    )
-    stage = Stage(
-        "stage2",
-        {"gpt": gpt},
-        micro_step,
-        loader,
-        throughput,
-        lr=lambda: sched.get_last_lr()[0],
-        flops_per_sample=gpt_flops_per_sample(cfg, dev),
-        timer=timer,
-    )
-    return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir)
+    gpt = build_engine(SemanticGPT(cfg.model, chunked_ce=cfg.model.chunked_ce), cfg, world_size=world)[0]
+    if cfg.data.token_shards:
+        loader = token_train_loader(cfg, rank, world)
+    else:
+        loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world)
+    stage = Stage2(cfg, gpt, loader, dev, tokenizer)
+    stage.flops_per_sample = gpt_flops_per_sample(cfg, dev)
+    return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir, after_step=after_step)
 
 
 def gpt_flops_per_sample(cfg: Stage2Config, dev: torch.device) -> float:

@@ -1,8 +1,6 @@
 """Class-balanced semantic cross-entropy: weights from the shards' class histogram, and the weighted loss."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +11,9 @@ from svq_fast.data.make_shards import write_synthetic
 from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
 from svq_fast.losses.reconstruction import semantic_loss
 from svq_fast.models.svq import SVQModel
-from svq_fast.train.data import resolve_shards
-from svq_fast.train.stage1 import semantic_class_weights
-
 from svq_fast.named_configs import get_config
+from svq_fast.train.data import shards_or_synthetic
+from svq_fast.train.stage1 import semantic_class_weights
 
 
 def _write_index(shard_dir, histogram):
@@ -85,7 +82,7 @@ def test_stage1_weights_come_from_the_configured_training_shards(tmp_path):
     cfg.data.train_shards = str(tmp_path)
     cfg.loss.semantic_class_balance = 0.5
     model = SVQModel(cfg.model, cfg.quantizer)
-    shards = resolve_shards(cfg.data, "train", rank=0)
+    shards = shards_or_synthetic(cfg.data, "train", rank=0)
     counts = class_pixel_counts(list_shards(str(tmp_path)), 16)
     torch.testing.assert_close(semantic_class_weights(cfg, model, shards, rank=0), balanced_class_weights(counts, 0.5))
     cfg.loss.semantic_class_balance = 0.0

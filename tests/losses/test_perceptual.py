@@ -31,8 +31,10 @@ def test_loads_backbone_from_local_file(vgg_file):
 def test_missing_backbone_is_refused_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="vgg16"):
         LPIPSLoss(str(tmp_path / "absent.pth"))
-    with pytest.warns(RuntimeWarning, match="DISABLED"):
-        assert build_perceptual(1.0, str(tmp_path / "absent.pth")) is None
+    with pytest.raises(FileNotFoundError, match="absent.pth.*is not a file"):
+        build_perceptual(1.0, str(tmp_path / "absent.pth"))
+    with pytest.raises(FileNotFoundError, match="lpips_vgg_path \\(unset\\)"):
+        build_perceptual(1.0, "")
     assert build_perceptual(0.0, "") is None
 
 

@@ -116,8 +116,6 @@ def test_discriminator_patch_logits():
 
 
 def test_every_family_config_builds_and_runs():
-    import sys
-    from pathlib import Path
 
     from svq_fast.named_configs import CONFIGS
 

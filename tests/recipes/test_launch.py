@@ -12,7 +12,7 @@ import torch
 
 from svq_fast.export import load_gpt, load_stage1
 from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
-from svq_fast.train.data import resolve_shards
+from svq_fast.train.data import shards_or_synthetic
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -76,7 +76,7 @@ def test_stage1_two_ranks_trains_and_exports(stage1_run):
     model, cfg = load_stage1(str(run / "export"))
     assert cfg.model.kind == "svq" and model.quantizer_x.codebook_size == cfg.quantizer.image_codebook_size
     # the export records the class weights the semantic CE trained with, so labels are read off logits - log w
-    counts = class_pixel_counts(resolve_shards(cfg.data, "train", 0), cfg.model.num_classes)
+    counts = class_pixel_counts(shards_or_synthetic(cfg.data, "train", 0), cfg.model.num_classes)
     weight = balanced_class_weights(counts, cfg.loss.semantic_class_balance)
     assert cfg.loss.semantic_class_balance > 0 and bool((weight > 0).all())
     torch.testing.assert_close(model.semantic_log_class_weight, weight.log())

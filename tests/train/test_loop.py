@@ -11,6 +11,7 @@ import torch
 from svq_fast.config import GPTConfig, Stage2Config
 from svq_fast.train import loop
 from svq_fast.train.checkpoint import COMPLETE
+from svq_fast.train.perf import PhaseTimer
 
 
 class FakeEngine:
@@ -42,25 +43,26 @@ def make_cfg(tmp_path, **run):
     return cfg
 
 
-def make_stage(losses):
-    engine = FakeEngine()
-    it = iter(losses)
+class FakeStage(loop.Stage):
+    """micro_step returns the next of `losses` ({} for a non-finite one, as a real stage does)."""
 
-    def micro_step(batch, step):
-        value = next(it)
+    name = "test"
+
+    def __init__(self, engine, losses):
+        super().__init__({"gpt": engine}, itertools.repeat({}), PhaseTimer(torch.device("cpu")))
+        self.engine, self.losses = engine, iter(losses)
+
+    def micro_step(self, batch, step):
+        value = next(self.losses)
         if value != value or value in (float("inf"), float("-inf")):
             return {}
-        engine.steps += 1
+        self.engine.steps += 1
         return {"loss": value}
 
-    stage = loop.Stage(
-        "test",
-        {"gpt": engine},
-        micro_step,
-        itertools.repeat({}),
-        lambda n, s: {"throughput/samples_per_s": n / s},
-    )
-    return stage, engine
+
+def make_stage(losses):
+    engine = FakeEngine()
+    return FakeStage(engine, losses), engine
 
 
 def test_runs_to_max_steps_and_exports(tmp_path):
@@ -135,3 +137,17 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     cfg2 = make_cfg(tmp_path, resume="auto")
     out2 = loop.run(cfg2, stage2, rank=0, world=1, dev=torch.device("cpu"), run_dir=str(tmp_path))
     assert out2["step"] == 6 and engine2.steps == 1 + 5  # restored count + 5 new steps
+
+
+def test_after_step_callbacks_run_after_each_step_and_its_checkpoint(tmp_path):
+    seen = []
+
+    def record(step):
+        seen.append((step, (tmp_path / "checkpoints" / f"step{step:08d}" / COMPLETE).exists()))
+
+    stage, _ = make_stage([1.0] * 6)
+    cfg = make_cfg(tmp_path, save_every=2)
+    out = loop.run(cfg, stage, rank=0, world=1, dev=torch.device("cpu"), run_dir=str(tmp_path), after_step=[record])
+    # steps 1..5 (the last step ends the loop before the callbacks); the even ones were checkpointed first
+    assert seen == [(1, False), (2, True), (3, False), (4, True), (5, False)]
+    assert out["history"][0]["throughput/images_per_s_per_rank"] > 0  # the stage's throughput unit

@@ -2,7 +2,6 @@
 later loss with an uninterrupted run of the same configuration."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+KILLER = Path(__file__).with_name("kill_after_step.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
@@ -21,14 +21,14 @@ def _port():
         return s.getsockname()[1]
 
 
-def launch(data, out, *extra, env=None):
+def launch(data, out, *extra, script=ROOT / "recipes/train_svqgan.py"):
     cmd = [
         DEEPSPEED,
         "--num_gpus",
         "2",
         "--master_port",
         str(_port()),
-        str(ROOT / "recipes/train_svqgan.py"),
+        str(script),
         "--config",
         "svqgan_tiny",
         f"--data.synthetic_default={data}",
@@ -44,7 +44,7 @@ def launch(data, out, *extra, env=None):
         f"--run.out_dir={out}",
         *extra,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -52,7 +52,9 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     full = launch(data, tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
 
-    crashed = launch(data, tmp_path / "crash", env={"SVQ_FAST_TEST_KILL_AT_STEP": "4"})
+    crashed = launch(
+        data, tmp_path / "crash", "--kill-after-step=4", script=Path(__file__).with_name("kill_after_step.py")
+    )
     assert crashed.returncode != 0  # it really died
     assert (tmp_path / "crash" / "checkpoints" / "step00000004" / "COMPLETE").exists()
     assert not (tmp_path / "crash" / "export").exists()

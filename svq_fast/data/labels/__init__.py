@@ -105,6 +105,19 @@ def get_space(name: str) -> LabelSpace:
 
 
 @functools.cache
+def space_for(num_classes: int) -> LabelSpace:
+    """The label space of a model with `num_classes` classes: the synthetic or the unified one when the count
+    matches, else generic names class_0.. with a generated palette."""
+    for name in ("synthetic", "unified"):
+        space = get_space(name)
+        if space.num_classes == num_classes:
+            return space
+    return LabelSpace(
+        f"generic{num_classes}", tuple(f"class_{i}" for i in range(num_classes)), make_palette(num_classes)
+    )
+
+
+@functools.cache
 def _tables(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     """(lut (256,) uint8, known (256,) bool) for `dataset`'s raw pixel values."""
     lut = np.full(256, IGNORE, np.uint8)
