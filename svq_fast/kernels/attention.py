@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from svq_fast.kernels._library import define_triton_op, launch, tracing
 from svq_fast.kernels._tuning import autotune_enabled, pow2_bucket
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
     "attention_ref",
     "effective_prefix_len",
     "flash_attention",
-    "FlashAttentionFunction",
+    "flash_attention_op",
 ]
 
 # Autotune-key-only kernel arguments: never specialised (value 1 would otherwise compile a second binary).
@@ -697,10 +698,10 @@ def _fwd(q, k, v, prefix: int, sm_scale: float, blocks):
     cfg = _launch_cfg("fwd", d, blocks)
     if cfg is None:
         grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_fwd_tuned[grid](*args, HEAD_DIM=d)
+        launch(_attn_fwd_tuned)[grid](*args, HEAD_DIM=d)
     else:
         bm, bn, warps, stages = cfg
-        _attn_fwd[(triton.cdiv(t_q, bm), b * h)](
+        launch(_attn_fwd)[(triton.cdiv(t_q, bm), b * h)](
             *args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
         )
     return o, lse
@@ -711,7 +712,7 @@ def _bwd(do, q, k, v, o, lse, prefix: int, sm_scale: float, blocks):
     t_k = k.shape[2]
     delta = torch.empty_like(lse)  # (B, H, T_q) fp32
     pre_block = 16 if _INTERPRET else 64
-    _attn_bwd_preprocess[(triton.cdiv(t_q, pre_block), b * h)](
+    launch(_attn_bwd_preprocess)[(triton.cdiv(t_q, pre_block), b * h)](
         o, do, delta, *_strides(o), *_strides(do), h, t_q, HEAD_DIM=d, BLOCK_M=pre_block
     )
     dq = torch.empty_like(q)
@@ -725,19 +726,19 @@ def _bwd(do, q, k, v, o, lse, prefix: int, sm_scale: float, blocks):
     cfg = _launch_cfg("dkdv", d, blocks)
     if cfg is None:
         grid_kv = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h)  # noqa: E731
-        _attn_bwd_dkdv_tuned[grid_kv](*dkdv_args, HEAD_DIM=d)
+        launch(_attn_bwd_dkdv_tuned)[grid_kv](*dkdv_args, HEAD_DIM=d)
     else:
         bm, bn, warps, stages = cfg
-        _attn_bwd_dkdv[(triton.cdiv(t_k, bn), b * h)](
+        launch(_attn_bwd_dkdv)[(triton.cdiv(t_k, bn), b * h)](
             *dkdv_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
         )
     cfg = _launch_cfg("dq", d, blocks)
     if cfg is None:
         grid_q = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
-        _attn_bwd_dq_tuned[grid_q](*dq_args, HEAD_DIM=d)
+        launch(_attn_bwd_dq_tuned)[grid_q](*dq_args, HEAD_DIM=d)
     else:
         bm, bn, warps, stages = cfg
-        _attn_bwd_dq[(triton.cdiv(t_q, bm), b * h)](
+        launch(_attn_bwd_dq)[(triton.cdiv(t_q, bm), b * h)](
             *dq_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
         )
     return dq, dk, dv
@@ -748,29 +749,79 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _device_guard(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' device (a compiled graph guards its device
+    itself, and a fake-tensor trace has none to set)."""
+    return torch.cuda.device(t.device) if t.is_cuda and not tracing() else contextlib.nullcontext()
 
 
-class FlashAttentionFunction(torch.autograd.Function):
+# Registered ops (svq_fast/kernels/_library.py): svq_fast::flash_attention -> (o, lse) and its backward op. `blocks`
+# travels as an int list: [] (defaults), [BLOCK_M, BLOCK_N] (every kernel, 4 warps, 3 stages) or 12 ints, the
+# (BM, BN, warps, stages) of fwd, dkdv and dq.
+_KINDS = ("fwd", "dkdv", "dq")
+
+
+def _encode_blocks(blocks) -> list[int]:
+    if blocks is None:
+        return []
+    if isinstance(blocks, dict):
+        return [int(x) for kind in _KINDS for x in blocks[kind]]
+    return [int(x) for x in blocks]
+
+
+def _decode_blocks(blocks: list[int]):
+    if not blocks:
+        return None
+    if len(blocks) == 2:
+        return tuple(blocks)
+    return {kind: tuple(blocks[4 * i : 4 * i + 4]) for i, kind in enumerate(_KINDS)}
+
+
+def _flash_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, sm_scale: float, blocks: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """o = softmax(q k^T * sm_scale + mask) v with the mask given by `prefix` (already normalised, see
-    `effective_prefix_len`). Saves q, k, v, o and the fp32 log-sum-exp (B, H, T_q)."""
+    `effective_prefix_len`) -> (o (B, H, T_q, d), lse (B, H, T_q) fp32, log2 units)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    with _device_guard(q):
+        return _fwd(q, k, v, prefix, sm_scale, _decode_blocks(blocks))
 
-    @staticmethod
-    def forward(ctx, q, k, v, prefix: int, sm_scale: float, blocks):
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        with _device_guard(q):
-            o, lse = _fwd(q, k, v, prefix, sm_scale, blocks)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.prefix, ctx.sm_scale, ctx.blocks = prefix, sm_scale, blocks
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        with _device_guard(q):
-            dq, dk, dv = _bwd(_unit_last(do), q, k, v, o, lse, ctx.prefix, ctx.sm_scale, ctx.blocks)
-        return dq, dk, dv, None, None, None
+def _flash_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, sm_scale: float, blocks: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    b, h, t_q, _ = q.shape
+    return torch.empty_like(_unit_last(q)), q.new_empty((b, h, t_q), dtype=torch.float32)
+
+
+def _flash_backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, prefix: int, sm_scale: float, blocks: list[int]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    with _device_guard(q):
+        return _bwd(_unit_last(do), q, k, v, o, lse, prefix, sm_scale, _decode_blocks(blocks))
+
+
+def _flash_backward_fake(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, prefix: int, sm_scale: float, blocks: list[int]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return torch.empty_like(_unit_last(q)), torch.empty_like(_unit_last(k)), torch.empty_like(_unit_last(v))
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, prefix, sm_scale, blocks = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.prefix, ctx.sm_scale, ctx.blocks = prefix, sm_scale, blocks
+
+
+def _flash_backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_backward_op(do, q, k, v, o, lse, ctx.prefix, ctx.sm_scale, ctx.blocks)
+    return dq, dk, dv, None, None, None
+
+
+flash_attention_op = define_triton_op("flash_attention", _flash_impl, _flash_fake)
+flash_attention_backward_op = define_triton_op("flash_attention_backward", _flash_backward_impl, _flash_backward_fake)
+flash_attention_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
 
 
 def _check(q, k, v, causal: bool):
@@ -814,4 +865,4 @@ def flash_attention(
     _check(q, k, v, causal)
     prefix = effective_prefix_len(q.shape[2], k.shape[2], prefix_len, causal)
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
-    return FlashAttentionFunction.apply(q, k, v, prefix, scale, _blocks)
+    return flash_attention_op(q, k, v, prefix, scale, _encode_blocks(_blocks))[0]

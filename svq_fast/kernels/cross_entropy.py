@@ -34,7 +34,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["chunked_cross_entropy", "chunked_cross_entropy_ref", "ChunkedCrossEntropyFunction"]
+from svq_fast.kernels._library import define_op, define_triton_op, launch
+
+__all__ = ["chunked_cross_entropy", "chunked_cross_entropy_ref", "chunked_ce_torch_op", "chunked_ce_triton_op"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CHUNK_ELEMENTS = 2**24  # fp32 logits per chunk (64 MiB)
@@ -98,7 +100,7 @@ def _loss_grad_triton(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
     r, v = logits.shape
     loss = torch.empty(r, device=logits.device, dtype=torch.float32)
     block = min(4096 if _INTERPRET else 2048, triton.next_power_of_2(v))
-    _ce_loss_grad_kernel[(r,)](logits, target, loss, logits.stride(0), v, ignore_index, BLOCK_V=block,
+    launch(_ce_loss_grad_kernel)[(r,)](logits, target, loss, logits.stride(0), v, ignore_index, BLOCK_V=block,
                                num_warps=8)  # fmt: skip
     return loss
 
@@ -114,59 +116,95 @@ def _loss_grad_torch(logits: torch.Tensor, target: torch.Tensor, ignore_index: i
     return loss
 
 
-class ChunkedCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, chunk_rows, use_triton, need_grad):
-        n, c = hidden.shape  # (N, C)
-        v = weight.shape[0]  # weight (V, C)
-        grad_h = torch.empty_like(hidden) if need_grad and ctx.needs_input_grad[0] else None  # (N, C)
-        want_w = need_grad and ctx.needs_input_grad[1]
-        want_b = need_grad and bias is not None and ctx.needs_input_grad[2]
-        grad_w = torch.zeros(v, c, device=weight.device, dtype=torch.float32) if want_w else None  # (V, C)
-        grad_b = torch.zeros(v, device=weight.device, dtype=torch.float32) if want_b else None  # (V,)
-        loss_rows = torch.empty(n, device=hidden.device, dtype=torch.float32)  # (N,)
-        # One compute dtype (hidden's) for the matmuls, whatever autocast or the parameter dtype says.
-        w = weight.to(hidden.dtype)  # (V, C)
-        b = bias.to(hidden.dtype) if bias is not None else None  # (V,)
-        for start in range(0, n, chunk_rows):
-            h = hidden[start : start + chunk_rows]  # (R, C)
-            t = target[start : start + chunk_rows]  # (R,)
-            logits = F.linear(h, w, b).float()  # (R, V) fp32
-            if use_triton:
-                loss_rows[start : start + len(t)] = _loss_grad_triton(logits, t, ignore_index)
-            else:
-                loss_rows[start : start + len(t)] = _loss_grad_torch(logits, t, ignore_index)
-            if grad_h is None and grad_w is None and grad_b is None:
-                continue
-            g = logits.to(hidden.dtype)  # (R, V) d loss_row / d logits
-            if grad_h is not None:
-                torch.mm(g, w, out=grad_h[start : start + len(t)])
-            if grad_w is not None:
-                grad_w += (g.t() @ h).float()
-            if grad_b is not None:
-                grad_b += logits.sum(0)
-        if reduction == "mean":
-            n_valid = (target != ignore_index).sum()
-            loss = loss_rows.sum() / n_valid  # nan when every row is ignored, as F.cross_entropy
-            scale = 1.0 / n_valid.clamp_min(1).float()
+def _forward_with_grads(hidden, weight, bias, target, ignore_index: int, reduction: str, chunk_rows: int,
+                        use_triton: bool, need_h: bool, need_w: bool, need_b: bool):  # fmt: skip
+    """-> (loss () fp32, d loss / d hidden (N, C) or None, d weight (V, C) or None, d bias (V,) or None)."""
+    n, c = hidden.shape  # (N, C)
+    v = weight.shape[0]  # weight (V, C)
+    grad_h = torch.empty_like(hidden) if need_h else None  # (N, C)
+    grad_w = torch.zeros(v, c, device=weight.device, dtype=torch.float32) if need_w else None  # (V, C)
+    grad_b = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_b else None  # (V,)
+    loss_rows = torch.empty(n, device=hidden.device, dtype=torch.float32)  # (N,)
+    # One compute dtype (hidden's) for the matmuls, whatever autocast or the parameter dtype says.
+    w = weight.to(hidden.dtype)  # (V, C)
+    b = bias.to(hidden.dtype) if bias is not None else None  # (V,)
+    for start in range(0, n, chunk_rows):
+        h = hidden[start : start + chunk_rows]  # (R, C)
+        t = target[start : start + chunk_rows]  # (R,)
+        logits = F.linear(h, w, b).float()  # (R, V) fp32
+        if use_triton:
+            loss_rows[start : start + len(t)] = _loss_grad_triton(logits, t, ignore_index)
         else:
-            loss, scale = loss_rows.sum(), None
-        grads = []
-        for gr, ref in ((grad_h, hidden), (grad_w, weight), (grad_b, bias)):
-            if gr is not None:
-                gr = gr * scale if scale is not None else gr
-                gr = gr.to(ref.dtype)
-            grads.append(gr)
-        ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
-        ctx.have = [g is not None for g in grads]
-        return loss
+            loss_rows[start : start + len(t)] = _loss_grad_torch(logits, t, ignore_index)
+        if grad_h is None and grad_w is None and grad_b is None:
+            continue
+        g = logits.to(hidden.dtype)  # (R, V) d loss_row / d logits
+        if grad_h is not None:
+            torch.mm(g, w, out=grad_h[start : start + len(t)])
+        if grad_w is not None:
+            grad_w += (g.t() @ h).float()
+        if grad_b is not None:
+            grad_b += logits.sum(0)
+    if reduction == "mean":
+        n_valid = (target != ignore_index).sum()
+        loss = loss_rows.sum() / n_valid  # nan when every row is ignored, as F.cross_entropy
+        scale = 1.0 / n_valid.clamp_min(1).float()
+    else:
+        loss, scale = loss_rows.sum(), None
+    grads = []
+    for gr, ref in ((grad_h, hidden), (grad_w, weight), (grad_b, bias)):
+        if gr is not None:
+            gr = gr * scale if scale is not None else gr
+            gr = gr.to(ref.dtype)
+        grads.append(gr)
+    return loss, *grads
 
-    @staticmethod
-    def backward(ctx, grad_loss):  # grad_loss: () fp32
-        out = []
-        for have, g in zip(ctx.have, ctx.saved_tensors):
-            out.append(g * grad_loss.to(g.dtype) if have else None)
-        return out[0], out[1], out[2], None, None, None, None, None, None
+
+# Registered ops (svq_fast/kernels/_library.py): svq_fast::chunked_ce_torch / svq_fast::chunked_ce_triton return the
+# loss and the gradients it already computed (empty when not asked for); the autograd formula scales them.
+_CEOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _make_impl(use_triton: bool):
+    def impl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+             ignore_index: int, reduction: str, chunk_rows: int, need_h: bool, need_w: bool, need_b: bool
+             ) -> _CEOut:  # fmt: skip
+        loss, gh, gw, gb = _forward_with_grads(hidden, weight, bias, target, ignore_index, reduction, chunk_rows,
+                                               use_triton, need_h, need_w, need_b)  # fmt: skip
+        return (loss, gh if need_h else hidden.new_empty(0), gw if need_w else weight.new_empty(0),
+                gb if need_b else weight.new_empty(0))  # fmt: skip
+
+    return impl
+
+
+def _ce_fake(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+             ignore_index: int, reduction: str, chunk_rows: int, need_h: bool, need_w: bool, need_b: bool
+             ) -> _CEOut:  # fmt: skip
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty(hidden.shape if need_h else (0,)),
+        weight.new_empty(weight.shape if need_w else (0,)),
+        (bias if bias is not None else weight).new_empty((weight.shape[0],) if need_b else (0,)),
+    )
+
+
+def _ce_setup_context(ctx, inputs, output):
+    _, gh, gw, gb = output
+    ctx.mark_non_differentiable(gh, gw, gb)
+    need = inputs[-3:]
+    ctx.have = need
+    ctx.save_for_backward(gh, gw, gb)
+
+
+def _ce_backward(ctx, grad_loss, *_):  # grad_loss: () fp32
+    out = [g * grad_loss.to(g.dtype) if have else None for have, g in zip(ctx.have, ctx.saved_tensors)]
+    return out[0], out[1], out[2], None, None, None, None, None, None, None
+
+
+chunked_ce_torch_op = define_op("chunked_ce_torch", _make_impl(False), _ce_fake)
+chunked_ce_triton_op = define_triton_op("chunked_ce_triton", _make_impl(True), _ce_fake)
+for _op in (chunked_ce_torch_op, chunked_ce_triton_op):
+    _op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
 def chunked_cross_entropy(
@@ -207,8 +245,10 @@ def chunked_cross_entropy(
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS // weight.shape[0])
     target = target.to(device=hidden.device, dtype=torch.int64).contiguous()
-    need_grad = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled()
+    need_h, need_w = grad and hidden.requires_grad, grad and weight.requires_grad
+    need_b = grad and bias is not None and bias.requires_grad
+    op = chunked_ce_triton_op if backend == "triton" else chunked_ce_torch_op
     with torch.autocast(hidden.device.type, enabled=False):
-        return ChunkedCrossEntropyFunction.apply(
-            hidden, weight, bias, target, ignore_index, reduction, int(chunk_rows), backend == "triton", need_grad
-        )
+        loss, *_ = op(hidden, weight, bias, target, ignore_index, reduction, int(chunk_rows), need_h, need_w, need_b)
+    return loss

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from svq_fast._ext import native_available, native_error, native_ops
+from svq_fast.kernels._library import define_op, define_triton_op, launch, tracing
 
 try:
     import triton
@@ -93,6 +94,10 @@ def check_class_ids(labels: torch.Tensor, num_classes: int, ignore_index: int) -
     if labels.numel() == 0:
         return
     lo, hi = torch.aminmax(torch.where(labels == ignore_index, 0, labels))
+    if tracing():  # inside a compiled graph: a device-side assert instead of the host sync (and no ids named)
+        msg = f"semantic map holds class ids outside [0, {num_classes}) (ignore id {ignore_index})"
+        torch._assert_async((lo >= 0) & (hi < num_classes), msg)
+        return
     if bool((lo < 0) | (hi >= num_classes)):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
         ids = torch.unique(labels[bad]).tolist()[:8]
@@ -325,7 +330,7 @@ def _triton_forward(labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     n = bsz * h * w
     block_p, block_o = (32, _block_o(cout)) if _interpreting() else (64, _block_o(cout))
     grid = (triton.cdiv(n, block_p), triton.cdiv(cout, block_o))
-    _sc_forward_kernel[grid](
+    launch(_sc_forward_kernel)[grid](
         labels, table, bias if bias is not None else table, out, n, h, w, cout, ignore_index,
         KSIZE=k, HAS_BIAS=bias is not None, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=_warps(block_p, block_o),
     )  # fmt: skip
@@ -346,7 +351,7 @@ def _triton_grad_weight(labels, g, weight, ignore_index: int, deterministic: boo
         table = torch.zeros((num_classes * kk, cout), device=dev, dtype=torch.float32)  # (C * k * k, Cout)
         block_p = 32 if _interpreting() else 64
         grid = (triton.cdiv(n, block_p), triton.cdiv(cout, block_o))
-        _sc_grad_atomic_kernel[grid](
+        launch(_sc_grad_atomic_kernel)[grid](
             labels, g, table, n, h, w, cout, ignore_index, *sg,
             KSIZE=k, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=_warps(block_p, block_o),
         )  # fmt: skip
@@ -371,7 +376,7 @@ def _triton_grad_weight(labels, g, weight, ignore_index: int, deterministic: boo
     end = torch.where(used, end, 0)
     part = torch.empty((m, kk, cout), device=dev, dtype=torch.float32)  # (M, k * k, Cout)
     block_p = 32 if _interpreting() else 64
-    _sc_grad_chunk_kernel[(m * kk, triton.cdiv(cout, block_o))](
+    launch(_sc_grad_chunk_kernel)[(m * kk, triton.cdiv(cout, block_o))](
         g,
         order,
         start,
@@ -387,50 +392,112 @@ def _triton_grad_weight(labels, g, weight, ignore_index: int, deterministic: boo
         num_warps=_warps(block_p, block_o),
     )
     table = torch.empty((num_classes * kk, cout), device=dev, dtype=torch.float32)  # (C * k * k, Cout)
-    _sc_grad_segment_kernel[(num_classes, kk, triton.cdiv(cout, block_o))](
+    launch(_sc_grad_segment_kernel)[(num_classes, kk, triton.cdiv(cout, block_o))](
         part, chunk_cum, table, cout, KK=kk, BLOCK_O=block_o, num_warps=4
     )
     return _table_to_weight(table, weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# autograd.Function over the fused forward / backward (triton or native)
+# Registered ops (svq_fast/kernels/_library.py): svq_fast::semantic_conv_native / _triton, their backward ops and the
+# autograd formula. The class-id check runs inside the forward op (one host sync, opaque to a compile trace).
 # ----------------------------------------------------------------------------------------------------------------
 
+_Opt = torch.Tensor | None
 
-class _FusedSemanticConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, labels, weight, bias, ignore_index: int, backend: str, deterministic: bool):
-        # labels (B, H, W) int64, weight (Cout, C, k, k), bias (Cout,) or None -> (B, Cout, H, W)
-        if backend == "triton":
-            out = _triton_forward(labels, weight, bias, ignore_index)
-        else:
-            out = native_ops().semantic_conv_forward(labels, weight.detach(), _detach(bias), ignore_index)
-        ctx.save_for_backward(labels, weight)
-        ctx.has_bias = bias is not None
-        ctx.ignore_index, ctx.backend, ctx.deterministic = ignore_index, backend, deterministic
-        return out
 
-    @staticmethod
+def _sc_native_impl(labels: torch.Tensor, weight: torch.Tensor, bias: _Opt, ignore_index: int, deterministic: bool
+                    ) -> torch.Tensor:  # fmt: skip
+    # labels (B, H, W) int64, weight (Cout, C, k, k), bias (Cout,) or None -> (B, Cout, H, W)
+    check_class_ids(labels, weight.shape[1], ignore_index)
+    return native_ops().semantic_conv_forward(labels, weight.detach(), _detach(bias), ignore_index)
+
+
+def _sc_triton_impl(labels: torch.Tensor, weight: torch.Tensor, bias: _Opt, ignore_index: int, deterministic: bool
+                    ) -> torch.Tensor:  # fmt: skip
+    check_class_ids(labels, weight.shape[1], ignore_index)
+    return _triton_forward(labels, weight, bias, ignore_index)
+
+
+def _sc_fake(labels: torch.Tensor, weight: torch.Tensor, bias: _Opt, ignore_index: int, deterministic: bool
+             ) -> torch.Tensor:  # fmt: skip
+    b, h, w = labels.shape
+    return weight.new_empty((b, weight.shape[0], h, w))
+
+
+def _sc_native_backward_impl(
+    g: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    ignore_index: int,
+    deterministic: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dweight (Cout, C, k, k) or empty, dbias (Cout,) or empty)."""  # fmt: skip
+    gw, gb = native_ops().semantic_conv_backward(g, labels, weight.detach(), ignore_index, need_w, need_b, 0)
+    # dbias is a view into the native op's accumulation buffer: a fresh tensor, as the fake kernel promises
+    return (gw if need_w else weight.new_empty(0)), (gb.clone() if need_b else weight.new_empty(0))
+
+
+def _sc_triton_backward_impl(
+    g: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    ignore_index: int,
+    deterministic: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gw = _triton_grad_weight(labels, g, weight, ignore_index, deterministic) if need_w else weight.new_empty(0)
+    gb = g.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype) if need_b else weight.new_empty(0)
+    return gw, gb
+
+
+def _sc_backward_fake(
+    g: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    ignore_index: int,
+    deterministic: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gw = weight.new_empty(weight.shape if need_w else (0,))
+    return gw, weight.new_empty((weight.shape[0],) if need_b else (0,))
+
+
+def _sc_setup_context(ctx, inputs, output):
+    labels, weight, bias, ignore_index, deterministic = inputs
+    ctx.save_for_backward(labels, weight)
+    ctx.has_bias = bias is not None
+    ctx.ignore_index, ctx.deterministic = ignore_index, deterministic
+
+
+def _sc_make_backward(backward_op):
     def backward(ctx, g):
         labels, weight = ctx.saved_tensors
         need_w = ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
-        grad_w = grad_b = None
         if not (need_w or need_b):
-            return None, None, None, None, None, None
-        if ctx.backend == "triton":
-            if need_w:
-                grad_w = _triton_grad_weight(labels, g, weight, ctx.ignore_index, ctx.deterministic)
-            if need_b:
-                grad_b = g.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
-        else:
-            gw, gb = native_ops().semantic_conv_backward(
-                g, labels, weight.detach(), ctx.ignore_index, need_w, need_b, 0
-            )
-            grad_w = gw if need_w else None
-            grad_b = gb if need_b else None
-        return None, grad_w, grad_b, None, None, None
+            return None, None, None, None, None
+        gw, gb = backward_op(g, labels, weight, ctx.ignore_index, ctx.deterministic, need_w, need_b)
+        return None, (gw if need_w else None), (gb if need_b else None), None, None
+
+    return backward
+
+
+semantic_conv_native_op = define_op("semantic_conv_native", _sc_native_impl, _sc_fake)
+semantic_conv_native_backward_op = define_op("semantic_conv_native_backward", _sc_native_backward_impl,
+                                             _sc_backward_fake)  # fmt: skip
+semantic_conv_triton_op = define_triton_op("semantic_conv_triton", _sc_triton_impl, _sc_fake)
+semantic_conv_triton_backward_op = define_triton_op("semantic_conv_triton_backward", _sc_triton_backward_impl,
+                                                    _sc_backward_fake)  # fmt: skip
+for _fwd_op, _bwd_op in (
+    (semantic_conv_native_op, semantic_conv_native_backward_op),
+    (semantic_conv_triton_op, semantic_conv_triton_backward_op),
+):
+    _fwd_op.register_autograd(_sc_make_backward(_bwd_op), setup_context=_sc_setup_context)
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -552,6 +619,6 @@ def semantic_conv(
     chosen = resolve_backend(labels, weight, bias, backend)
     if chosen == "ref" or labels.numel() == 0 or weight.shape[0] == 0:
         return semantic_conv_ref(labels, weight, bias, ignore_index)  # checks the class ids itself
-    check_class_ids(labels, weight.shape[1], ignore_index)
     labels = labels if labels.dtype == torch.int64 else labels.long()
-    return _FusedSemanticConv.apply(labels, weight, bias, int(ignore_index), chosen, bool(deterministic))
+    op = semantic_conv_triton_op if chosen == "triton" else semantic_conv_native_op
+    return op(labels, weight, bias, int(ignore_index), bool(deterministic))  # checks the class ids first

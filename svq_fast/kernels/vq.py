@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from svq_fast._ext import native_available, native_error, native_ops
+from svq_fast.kernels._library import define_op, define_triton_op, launch
 from svq_fast.kernels._tuning import autotune_enabled, pow2_bucket
 
 try:
@@ -455,11 +456,12 @@ def _triton_forward(
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), split)
 
-        _vq_argmin_tuned[grid](*args, **common)
+        launch(_vq_argmin_tuned)[grid](*args, **common)
     else:
         cfg = dict(config)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-        _vq_argmin[grid](*args, **common, **cfg)
+        single_d = cfg["BLOCK_D"] >= d  # what the _vq_argmin heuristic would set (wrap_triton takes no heuristics)
+        launch(_vq_argmin_kernel)[grid](*args, **common, **cfg, SINGLE_D=single_d)
 
     if out is None:
         indices = torch.empty((n,), device=z.device, dtype=torch.int64)
@@ -469,7 +471,7 @@ def _triton_forward(
         indices, min_dist, z_q = out
     block_n = 32
     block_d = min(128, max(16, triton.next_power_of_2(d)))
-    _vq_epilogue_kernel[(triton.cdiv(n, block_n),)](
+    launch(_vq_epilogue_kernel)[(triton.cdiv(n, block_n),)](
         z, e, part_val, part_idx, indices, z_q, min_dist, n, d, split, z.stride(0), e.stride(0), z_q.stride(0),
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
@@ -482,11 +484,17 @@ def _triton_grad_z(g_zq, z, e, indices, coef, out: torch.Tensor | None = None) -
     out = torch.empty_like(z, memory_format=torch.contiguous_format) if out is None else out
     block_n, block_d = 32, min(128, max(16, triton.next_power_of_2(d)))
     g = g_zq if g_zq is not None else z  # placeholder pointer when HAS_GZQ is False
-    _vq_grad_z_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
+    launch(_vq_grad_z_kernel)[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
         g, z, e, indices, coef, out, n, d, g.stride(0), g.stride(1), z.stride(0), e.stride(0), out.stride(0),
         HAS_GZQ=g_zq is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def _code_counts(indices: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) int64 codes in [0, K) -> (K,) int64 counts; bincount's output size depends on the data (max + 1), which
+    a compile trace cannot know, so the counts are an index_add into K zeros (the same integers)."""
+    return torch.zeros(k, device=indices.device, dtype=torch.int64).index_add_(0, indices, torch.ones_like(indices))
 
 
 def _triton_grad_e(z, e, indices, coef, deterministic: bool, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -497,75 +505,133 @@ def _triton_grad_e(z, e, indices, coef, deterministic: bool, out: torch.Tensor |
     if deterministic:
         order = torch.argsort(indices, stable=True)  # (N,) rows grouped by code, increasing row id inside a code
         offsets = torch.zeros(k + 1, device=z.device, dtype=torch.int64)  # (K + 1,)
-        torch.cumsum(torch.bincount(indices, minlength=k), 0, out=offsets[1:])
+        torch.cumsum(_code_counts(indices, k), 0, out=offsets[1:])
         out = torch.empty_like(e, memory_format=torch.contiguous_format) if out is None else out
-        _vq_grad_e_segment_kernel[(k, triton.cdiv(d, block_d))](
+        launch(_vq_grad_e_segment_kernel)[(k, triton.cdiv(d, block_d))](
             z, e, order, offsets, coef, out, d, z.stride(0), e.stride(0), out.stride(0),
             BLOCK_R=16, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
         return out
     sums = torch.zeros((k, d), device=z.device, dtype=torch.float32)  # (K, D)
     block_n = 32
-    _vq_scatter_add_kernel[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
+    launch(_vq_scatter_add_kernel)[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
         z, indices, sums, n, d, z.stride(0), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4
     )
-    counts = torch.bincount(indices, minlength=k).to(torch.float32)  # (K,)
+    counts = _code_counts(indices, k).to(torch.float32)  # (K,)
     grad = (coef * (counts[:, None] * e.float() - sums)).to(e.dtype)
     return grad if out is None else out.copy_(grad)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# autograd.Function over the fused forward / backward (triton or native)
+# Registered ops (svq_fast/kernels/_library.py): svq_fast::vq_native / svq_fast::vq_triton, their backward ops, the
+# autograd formula that links them, and fp32 under autocast (the distances and the argmin never run in bf16/fp16).
 # ----------------------------------------------------------------------------------------------------------------
 
+_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-class _FusedVQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, codebook, beta: float, backend: str, deterministic: bool):
-        # z (N, D), codebook (K, D), same dtype; the kernels (and the saved tensors) assume unit column stride
-        z, codebook = z.contiguous(), codebook.contiguous()
-        n, d = z.shape
-        if backend == "triton":
-            indices, min_dist, z_q = _triton_forward(z, codebook)
-        else:
-            indices, min_dist, z_q = native_ops().vq_forward(z, codebook)
-        sq = min_dist.sum()  # () sum of squared errors over the N * D elements
-        loss_codebook = sq / (n * d)
-        loss_commit = sq * (beta / (n * d))
-        ctx.mark_non_differentiable(indices, min_dist)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(z, codebook, indices)
-        ctx.beta, ctx.backend, ctx.deterministic = beta, backend, deterministic
-        return z_q, indices, loss_codebook, loss_commit, min_dist
 
-    @staticmethod
+def _with_losses(z: torch.Tensor, beta: float, indices, min_dist, z_q) -> _Outputs:
+    n, d = z.shape
+    sq = min_dist.sum()  # () sum of squared errors over the N * D elements
+    return z_q, indices, sq / (n * d), sq * (beta / (n * d)), min_dist
+
+
+def _vq_native_impl(z: torch.Tensor, codebook: torch.Tensor, beta: float, deterministic: bool) -> _Outputs:
+    # z (N, D), codebook (K, D): same dtype, contiguous (the dispatcher makes them so)
+    indices, min_dist, z_q = native_ops().vq_forward(z, codebook)
+    return _with_losses(z, beta, indices, min_dist, z_q)
+
+
+def _vq_triton_impl(z: torch.Tensor, codebook: torch.Tensor, beta: float, deterministic: bool) -> _Outputs:
+    indices, min_dist, z_q = _triton_forward(z, codebook)
+    return _with_losses(z, beta, indices, min_dist, z_q)
+
+
+def _vq_fake(z: torch.Tensor, codebook: torch.Tensor, beta: float, deterministic: bool) -> _Outputs:
+    n, d = z.shape
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return (
+        z.new_empty((n, d)),  # z_q
+        z.new_empty((n,), dtype=torch.int64),  # indices
+        z.new_empty((), dtype=acc),  # loss_codebook
+        z.new_empty((), dtype=acc),  # loss_commit
+        z.new_empty((n,), dtype=acc),  # min_dist
+    )
+
+
+_Opt = torch.Tensor | None
+
+
+def _vq_native_backward_impl(
+    g_zq: _Opt, z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, g_cb: _Opt, g_commit: _Opt,
+    beta: float, deterministic: bool, need_z: bool, need_e: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """-> (dL/dz (N, D) or empty, dL/dcodebook (K, D) or empty); need_z needs g_commit, need_e needs g_cb."""
+    n, d = z.shape
+    scale = 2.0 / (n * d)
+    coef_z = float(g_commit) * scale * beta if need_z else 0.0
+    coef_e = float(g_cb) * scale if need_e else 0.0
+    gz, ge = native_ops().vq_backward(g_zq, z, codebook, indices, coef_z, coef_e, need_z, need_e)
+    return (gz if need_z else z.new_empty(0)), (ge if need_e else codebook.new_empty(0))
+
+
+def _vq_triton_backward_impl(
+    g_zq: _Opt, z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, g_cb: _Opt, g_commit: _Opt,
+    beta: float, deterministic: bool, need_z: bool, need_e: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    n, d = z.shape
+    scale = 2.0 / (n * d)
+    gz = ge = None
+    if need_z:
+        gz = _triton_grad_z(g_zq, z, codebook, indices, (g_commit.float() * (scale * beta)).reshape(1))
+    if need_e:
+        ge = _triton_grad_e(z, codebook, indices, (g_cb.float() * scale).reshape(1), deterministic)
+    return (gz if need_z else z.new_empty(0)), (ge if need_e else codebook.new_empty(0))
+
+
+def _vq_backward_fake(
+    g_zq: _Opt, z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, g_cb: _Opt, g_commit: _Opt,
+    beta: float, deterministic: bool, need_z: bool, need_e: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return (z.new_empty(z.shape if need_z else (0,)), codebook.new_empty(codebook.shape if need_e else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    z, codebook, beta, deterministic = inputs
+    _, indices, _, _, min_dist = output
+    ctx.mark_non_differentiable(indices, min_dist)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(z, codebook, indices)
+    ctx.beta, ctx.deterministic = beta, deterministic
+
+
+def _make_backward(backward_op):
     def backward(ctx, g_zq, _g_idx, g_cb, g_commit, _g_dist):
         z, codebook, indices = ctx.saved_tensors
-        n, d = z.shape
         need_z, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        scale = 2.0 / (n * d)
         grad_z = grad_e = None
-        if ctx.backend == "triton":
-            if need_z and g_commit is not None:
-                coef_z = (g_commit.float() * (scale * ctx.beta)).reshape(1)
-                grad_z = _triton_grad_z(g_zq, z, codebook, indices, coef_z)
-            elif need_z and g_zq is not None:
-                grad_z = g_zq.to(z.dtype)
-            if need_e and g_cb is not None:
-                coef_e = (g_cb.float() * scale).reshape(1)
-                grad_e = _triton_grad_e(z, codebook, indices, coef_e, ctx.deterministic)
-        else:
-            if need_z and g_commit is None:
-                grad_z = g_zq.to(z.dtype) if g_zq is not None else None
-                need_z = False
-            need_e = need_e and g_cb is not None
-            if need_z or need_e:
-                coef_z = float(g_commit) * scale * ctx.beta if need_z else 0.0
-                coef_e = float(g_cb) * scale if need_e else 0.0
-                gz, ge = native_ops().vq_backward(g_zq, z, codebook, indices, coef_z, coef_e, need_z, need_e)
-                grad_z = gz if need_z else grad_z
-                grad_e = ge if need_e else None
-        return grad_z, grad_e, None, None, None
+        if need_z and g_commit is None:  # the commitment loss is unused: the straight-through gradient alone
+            grad_z = g_zq.to(z.dtype) if g_zq is not None else None
+            need_z = False
+        need_e = need_e and g_cb is not None
+        if need_z or need_e:
+            args = (g_zq, z, codebook, indices, g_cb, g_commit, ctx.beta, ctx.deterministic, need_z, need_e)
+            gz, ge = backward_op(*args)
+            grad_z = gz if need_z else grad_z
+            grad_e = ge if need_e else None
+        return grad_z, grad_e, None, None
+
+    return backward
+
+
+vq_native_op = define_op("vq_native", _vq_native_impl, _vq_fake)
+vq_native_backward_op = define_op("vq_native_backward", _vq_native_backward_impl, _vq_backward_fake)
+vq_triton_op = define_triton_op("vq_triton", _vq_triton_impl, _vq_fake)
+vq_triton_backward_op = define_triton_op("vq_triton_backward", _vq_triton_backward_impl, _vq_backward_fake)
+for _fwd_op, _bwd_op in ((vq_native_op, vq_native_backward_op), (vq_triton_op, vq_triton_backward_op)):
+    _fwd_op.register_autograd(_make_backward(_bwd_op), setup_context=_setup_context)
+    for _dev in ("cpu", "cuda"):  # the nearest-code search of a bf16/fp16 autocast region runs in fp32
+        torch.library.register_autocast(_fwd_op, _dev, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -666,6 +732,8 @@ def vq(
     if chosen == "ref" or z.shape[0] == 0:
         return vq_ref(z, codebook, beta)
     dtype = torch.promote_types(z.dtype, codebook.dtype)
-    out = _FusedVQ.apply(z.to(dtype), codebook.to(dtype), float(beta), chosen, bool(deterministic))
+    op = vq_triton_op if chosen == "triton" else vq_native_op
+    # the kernels (and the tensors saved for the backward) assume unit column stride
+    out = op(z.to(dtype).contiguous(), codebook.to(dtype).contiguous(), float(beta), bool(deterministic))
     z_q, indices, loss_codebook, loss_commit, min_dist = out
     return VQOutput(z_q.to(z.dtype), indices, loss_codebook, loss_commit, min_dist)
