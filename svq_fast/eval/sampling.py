@@ -13,10 +13,15 @@ decoding on a GPU.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from svq_fast.models.gpt import KVCache, SemanticGPT, StaticKVCache
+
+if TYPE_CHECKING:
+    from svq_fast.models.tokenizer import Tokenizer
 
 CACHES = ("dynamic", "static")
 
@@ -104,13 +109,15 @@ def sample_image_tokens(
     cache: str = "dynamic",
     cuda_graph: bool = False,
     num_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """sem_tokens (B, P) -> image tokens (B, num_tokens) (default: all N = grid^2).
 
     use_cache=False recomputes the whole sequence for every token (the reference path). cache: "dynamic"
     (concatenation) or "static" (preallocated, written in place). cuda_graph=True uses the static cache and
     replays the decode step from a CUDA graph when sem_tokens is on CUDA (elsewhere it warns and runs the
-    static cache eagerly). num_tokens < N stops early (benchmarks, tests).
+    static cache eagerly). num_tokens < N stops early (benchmarks, tests). progress(done, total) is called
+    after every drawn token (the app's progress bar).
     """
     if cache not in CACHES:
         raise ValueError(f"sample_image_tokens: cache must be one of {CACHES}, got {cache!r}")
@@ -158,4 +165,36 @@ def sample_image_tokens(
         tok = draw(_guided(logits, b, guidance_scale), temperature, top_k, top_p, generator)
         out[:, i] = tok
         step_in = torch.cat([tok, tok]) if cfg_on else tok
+        if progress is not None:
+            progress(i + 1, n)
     return out
+
+
+@torch.no_grad()
+def sample_images(
+    gpt: SemanticGPT,
+    tokenizer: Tokenizer,
+    sem_tokens: torch.Tensor,
+    *,
+    samples_per_map: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """The sampling path of recipes/sample.py and the app (svq_fast/app): semantic tokens (B, P) ->
+    samples_per_map images per map, (B * n, 3, H, W) in [-1, 1], map-major (sample j of map i at i * n + j)."""
+    sem = sem_tokens.repeat_interleave(samples_per_map, 0)  # (B * n, P)
+    tokens = sample_image_tokens(
+        gpt,
+        sem,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        guidance_scale=guidance_scale,
+        generator=generator,
+        progress=progress,
+    )
+    return tokenizer.decode(sem, tokens, gpt.cfg.grid)

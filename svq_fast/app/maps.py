@@ -1,0 +1,164 @@
+"""Label maps in and out of the synthesis page: the model's class palette, and exact validation of every map that
+arrives (a painted grid, an uploaded PNG) before it reaches the model.
+
+A map is an (H, W) uint8 array of class ids 0..C-1, or `ignore` (255) for unlabeled pixels. The page paints on such
+a grid and sends its raw bytes, so no colour is ever read back from a canvas; PNGs are read as ids (mode L or P:
+the pixel values / palette indices are the ids) or, for RGB(A), mapped back through the model's palette with exact
+colour matches only. Everything that is wrong raises MapError with a sentence the page shows as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from svq_fast.data.labels import IGNORE, get_space, make_palette
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_UPLOAD_BYTES = 8 << 20
+
+
+class MapError(ValueError):
+    """A label map the model cannot take; the message is for the person who sent it."""
+
+
+@dataclass(frozen=True)
+class ClassPalette:
+    """Names and display colours of a model's label space (ids 0..C-1, plus `ignore`)."""
+
+    space: str  # "synthetic", "unified" or "generic"
+    names: tuple[str, ...]
+    colours: np.ndarray  # (C, 3) uint8
+    ignore: int = IGNORE
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def lut(self) -> np.ndarray:
+        """(256, 3) uint8: class colours, ignore black, ids outside the space white."""
+        table = np.full((256, 3), 255, np.uint8)
+        table[: self.num_classes] = self.colours
+        table[self.ignore] = 0
+        return table
+
+    def colorize(self, label: np.ndarray) -> np.ndarray:
+        """(H, W) ids -> (H, W, 3) uint8."""
+        return self.lut()[np.asarray(label, np.uint8)]
+
+    def to_json(self) -> dict:
+        return {
+            "space": self.space,
+            "names": list(self.names),
+            "colours": [[int(v) for v in c] for c in self.colours],
+            "ignore": self.ignore,
+        }
+
+
+def palette_for(num_classes: int, ignore: int = IGNORE) -> ClassPalette:
+    """The label space whose size matches the model's (the synthetic scenes' 16 classes, or the unified table),
+    else generic names with well-spread colours."""
+    for name in ("synthetic", "unified"):
+        try:
+            space = get_space(name)
+        except FileNotFoundError:  # the unified table missing from an odd install: fall through to generic
+            continue
+        if space.num_classes == num_classes:
+            return ClassPalette(name, tuple(space.names), np.asarray(space.palette, np.uint8), ignore)
+    return ClassPalette("generic", tuple(f"class_{i}" for i in range(num_classes)), make_palette(num_classes), ignore)
+
+
+def check_ids(label: np.ndarray, palette: ClassPalette, what: str) -> np.ndarray:
+    """-> label as uint8 if every id is a class or ignore; MapError naming the offending ids otherwise."""
+    label = np.asarray(label)
+    valid = (label >= 0) & ((label < palette.num_classes) | (label == palette.ignore))
+    if not bool(valid.all()):
+        bad = np.unique(label[~valid])
+        shown = ", ".join(str(int(v)) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        raise MapError(
+            f"{what} has ids outside this model's label space: {shown} ({int((~valid).sum())} pixels); "
+            f"valid ids are 0..{palette.num_classes - 1} ({palette.space} classes) and {palette.ignore} (ignore)"
+        )
+    return label.astype(np.uint8)
+
+
+def decode_grid(payload: str, size: int, palette: ClassPalette) -> np.ndarray:
+    """The page's painted map: base64 of H*W raw uint8 ids, row-major -> (H, W) uint8."""
+    if not isinstance(payload, str) or not payload:
+        raise MapError("no map in the request (expected base64 of the painted class ids)")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise MapError(f"the map is not valid base64 ({e})") from None
+    if len(raw) != size * size:
+        raise MapError(
+            f"the map has {len(raw)} pixels, this model takes {size}x{size} = {size * size}; reload the page"
+        )
+    return check_ids(np.frombuffer(raw, np.uint8).reshape(size, size), palette, "the painted map")
+
+
+def encode_grid(label: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(label, np.uint8).tobytes()).decode("ascii")
+
+
+def decode_png(data: bytes, size: int, palette: ClassPalette, name: str = "the upload") -> np.ndarray:
+    """An uploaded label PNG -> (size, size) uint8 ids; MapError says what is wrong with it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise MapError(f"{name} is empty")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise MapError(f"{name} is {len(data) >> 20} MiB; a label PNG at {size}x{size} is far smaller")
+    if not data.startswith(PNG_MAGIC):
+        raise MapError(f"{name} is not a PNG file: upload a PNG whose pixel values are class ids")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise MapError(f"{name} is not a readable PNG ({e})") from None
+    if img.size != (size, size):
+        raise MapError(f"{name} is {img.size[0]}x{img.size[1]}; this model paints {size}x{size} maps")
+    if img.mode in ("L", "P"):  # values / palette indices are the class ids
+        return check_ids(np.asarray(img), palette, name)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        return check_ids(np.asarray(img.convert("I")), palette, name)
+    if img.mode in ("RGB", "RGBA"):
+        return _from_colours(np.asarray(img.convert("RGB")), palette, name)
+    raise MapError(f"{name} has PNG mode {img.mode}; expected 8-bit class ids (mode L or P) or palette colours (RGB)")
+
+
+def _from_colours(rgb: np.ndarray, palette: ClassPalette, name: str) -> np.ndarray:
+    """(H, W, 3) uint8 in the model's palette colours -> ids; any other colour is an error (no nearest match)."""
+    lut = palette.lut()
+    ids = list(range(palette.num_classes)) + [palette.ignore]
+    key = lambda c: (c[..., 0].astype(np.int64) << 16) | (c[..., 1].astype(np.int64) << 8) | c[..., 2]  # noqa: E731
+    table = {int(key(lut[i])): i for i in reversed(ids)}  # a colour shared by two classes resolves to the lower id
+    codes = key(rgb)
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    unknown = [int(u) for u in uniq if int(u) not in table]
+    if unknown:
+        shown = ", ".join(f"#{u:06x}" for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise MapError(
+            f"{name} is an RGB image with {len(unknown)} colours that are not this model's class colours ({shown}); "
+            "upload a PNG of class ids (mode L or P), or one painted in the page's palette exactly"
+        )
+    return np.asarray([table[int(u)] for u in uniq], np.uint8)[inverse.reshape(codes.shape)]
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """(H, W) uint8 ids (mode L) or (H, W, 3) uint8 RGB -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
