@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import sys
 
 import torch
@@ -24,9 +22,8 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from svq_fast import dist
-from svq_fast.data.loader import list_shards, make_loader
-from svq_fast.data.shards import INDEX_NAME, write_tar
-from svq_fast.data.tokens import encode_npy, token_dtype
+from svq_fast.data.index import list_shards
+from svq_fast.data.tokens import tokenize_shard, write_token_index
 from svq_fast.export import load_stage1
 from svq_fast.models.tokenizer import Tokenizer
 
@@ -35,7 +32,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage1", required=True, help="stage-1 export (coupled sVQ model, or image VQ model)")
     p.add_argument("--stage1-semantic", default="", help="separate semantic VQVAE export (VQ-T baseline)")
-    p.add_argument("--shards", required=True, help="image shards: a folder, glob or brace pattern")
+    p.add_argument("--shards", required=True, help="image shards: a folder, glob, brace pattern or URLs")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
@@ -46,9 +43,7 @@ def main(argv=None) -> int:
     semantic_model = load_stage1(args.stage1_semantic, acc.device)[0] if args.stage1_semantic else None
     tok = Tokenizer(image_model, semantic_model)
     grid = s1.model.image_size // s1.model.downsampling
-    sem_dtype, img_dtype = token_dtype(tok.semantic_vocab), token_dtype(tok.image_vocab)
     shards = list_shards(args.shards)
-    os.makedirs(args.out, exist_ok=True)
     written = []
     if (acc.num_processes, acc.process_index) == (world, rank):
         split = acc.split_between_processes(list(range(len(shards))))
@@ -56,50 +51,34 @@ def main(argv=None) -> int:
         split = contextlib.nullcontext(list(range(len(shards)))[rank::world])
     with split as mine:
         for i in tqdm(mine, desc="tokenize", disable=rank != 0):
-            name = os.path.basename(shards[i])
-            loader = make_loader(
-                [shards[i]],
-                batch_size=args.batch_size,
-                image_size=s1.data.image_size,
-                rank=0,
-                world_size=1,
-                resampled=False,
-                flip=False,
-                crop="center",
-                shuffle=False,
+            written.append(
+                tokenize_shard(
+                    tok,
+                    shards[i],
+                    args.out,
+                    semantic_vocab=tok.semantic_vocab,
+                    image_vocab=tok.image_vocab,
+                    image_size=s1.data.image_size,
+                    batch_size=args.batch_size,
+                    device=acc.device,
+                )
             )
-            members = []
-            for batch in loader:
-                keep = ~batch["pad"]
-                sem, img = tok(batch["image"][keep].to(acc.device), batch["label"][keep].to(acc.device))
-                keys = [k for k, m in zip(batch["key"], keep.tolist()) if m]
-                for key, zs, zx in zip(keys, sem.cpu().numpy(), img.cpu().numpy()):
-                    members += [
-                        (f"{key}.sem.npy", encode_npy(zs.astype(sem_dtype))),
-                        (f"{key}.img.npy", encode_npy(zx.astype(img_dtype))),
-                        (f"{key}.meta.json", json.dumps({"source_shard": name}).encode()),
-                    ]
-            write_tar(os.path.join(args.out, name), members)
-            written.append({"name": name, "samples": len(members) // 3})
     counts = written
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, written)
         counts = [row for part in gathered for row in part]
     if rank == 0:
-        index = {
-            "kind": "tokens",
-            "shards": sorted(counts, key=lambda r: r["name"]),
-            "num_samples": sum(r["samples"] for r in counts),
-            "grid": grid,
-            "semantic_vocab": tok.semantic_vocab,
-            "image_vocab": tok.image_vocab,
-            "stage1": os.path.abspath(args.stage1),
-            "stage1_semantic": os.path.abspath(args.stage1_semantic) if args.stage1_semantic else "",
-            "source": args.shards,
-        }
-        with open(os.path.join(args.out, INDEX_NAME), "w") as f:
-            json.dump(index, f, indent=1)
+        index = write_token_index(
+            args.out,
+            counts,
+            grid=grid,
+            semantic_vocab=tok.semantic_vocab,
+            image_vocab=tok.image_vocab,
+            stage1=args.stage1,
+            stage1_semantic=args.stage1_semantic,
+            source=args.shards,
+        )
         print(
             f"wrote {index['num_samples']} token sequences ({grid}x{grid} + {grid}x{grid}) in "
             f"{len(counts)} shards to {args.out}"

@@ -5,8 +5,8 @@ A shard is a plain tar readable by `webdataset.WebDataset`: members `{key}.image
 temporary name and renamed when complete, so a crashed writer never leaves a shard that looks finished.
 `index.json` beside the shards lists shard names, sample counts and the class histogram.
 
-Reading side: `scan_tar` lists a shard's samples with the byte offsets of their members (one pass over the tar
-headers, no data read), so the loader can read any sample of a shard directly; `read_members` reads one.
+Reading is reader.py's (WebDataset's openers and tar iteration, from any URL); `decode_sample` turns one
+sample's members into arrays.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import io
 import json
 import os
 import tarfile
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -95,60 +94,6 @@ def write_tar(path: str, members: Iterable[tuple[str, bytes]]) -> int:
             os.remove(tmp)
         raise
     return count
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """Where one sample's members lie in a shard: {suffix: (offset, size)}."""
-
-    key: str
-    members: dict
-
-
-def scan_tar(path: str, stats: dict | None = None) -> list[SampleRef]:
-    """Samples of a shard in tar order, from its headers only. A corrupt or truncated tar yields the samples
-    before the damage, warns naming the shard, and counts it in stats["corrupt_shards"]."""
-    out: list[SampleRef] = []
-    current, members = None, {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            while True:
-                info = tar.next()
-                if info is None:
-                    break
-                if not info.isfile():
-                    continue
-                base = os.path.basename(info.name)
-                if "." not in base:
-                    continue
-                key, suffix = base.split(".", 1)
-                if key != current:
-                    if current is not None:
-                        out.append(SampleRef(current, members))
-                    current, members = key, {}
-                members[suffix] = (info.offset_data, info.size)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        warnings.warn(
-            f"shard {path}: tar unreadable after key {current!r} ({e}); using the samples before it", stacklevel=2
-        )
-        if stats is not None:
-            stats["corrupt_shards"] = stats.get("corrupt_shards", 0) + 1
-        current = None  # the sample being read when the damage hit is incomplete: drop it
-    if current is not None:
-        out.append(SampleRef(current, members))
-    return out
-
-
-def read_members(f, ref: SampleRef) -> dict[str, bytes]:
-    """Read one sample's members from the open shard file `f`; a short read raises ShardFormatError."""
-    data = {}
-    for suffix, (offset, size) in ref.members.items():
-        f.seek(offset)
-        b = f.read(size)
-        if len(b) != size:
-            raise ShardFormatError(f"{ref.key}.{suffix}: truncated ({len(b)} of {size} bytes)")
-        data[suffix] = b
-    return data
 
 
 @dataclass

@@ -23,8 +23,6 @@ import numpy as np
 # Bump whenever rendering changes: cached shards are keyed by it (svq_fast.train.data.ensure_synthetic).
 SYNTHETIC_VERSION = 2
 
-IGNORE = 255
-
 # Shared colour materials. Classes draw each instance's colour from a few of these, and most materials are used
 # by several classes (a white car, a white house, a cloudy sky; grey road, grey pole, grey rock), so colour
 # alone does not tell the class: texture, shape and context (above/below the horizon) must.

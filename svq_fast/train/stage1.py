@@ -18,10 +18,11 @@ import torch
 from torch.func import functional_call
 
 from svq_fast.config import Stage1Config
+from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards, make_loader
 from svq_fast.dist import all_reduce_mean, init_deepspeed, nonfinite_anywhere
 from svq_fast.eval.visualize import colorize, grid, to_unit
-from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
+from svq_fast.losses.class_balance import balanced_class_weights
 from svq_fast.losses.gan import adaptive_weight, discriminator_loss, generator_adv_loss, lecam_penalty
 from svq_fast.losses.perceptual import build_perceptual
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss

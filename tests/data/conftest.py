@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -174,4 +177,67 @@ def fx():
         BAD_REASON=BAD_REASON,
         W=W,
         H=H,
+        serve_dir=serve_dir,
     )
+
+
+class _ShardHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files under server.root; server.faults[name] makes one file fail:
+    ("404",), ("cut", n): send the full Content-Length but close after n bytes, ("stall", n): send n bytes then
+    nothing until the server stops (at most 60 s), ("flaky", k, n): cut after n bytes on the first k requests."""
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        name = os.path.basename(self.path.split("?")[0])
+        server = self.server
+        with server.lock:
+            server.requests[name] = server.requests.get(name, 0) + 1
+            nth = server.requests[name]
+        path = os.path.join(server.root, name)
+        fault = server.faults.get(name)
+        if fault is not None and fault[0] == "flaky":
+            fault = ("cut", fault[2]) if nth <= fault[1] else None
+        if (fault is not None and fault[0] == "404") or not os.path.isfile(path):
+            self.send_error(404, "not found")
+            return
+        with open(path, "rb") as f:
+            data = f.read()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            if fault is None:
+                self.wfile.write(data)
+            elif fault[0] == "cut":
+                self.wfile.write(data[: fault[1]])
+                self.wfile.flush()
+                self.close_connection = True
+            elif fault[0] == "stall":
+                self.wfile.write(data[: fault[1]])
+                self.wfile.flush()
+                server.stopping.wait(60)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@contextlib.contextmanager
+def serve_dir(root: str, faults: dict | None = None):
+    """An HTTP server on 127.0.0.1 (a free port) serving `root` in a thread; yields the server (its base URL is
+    server.url). Stops (and releases stalled requests) on exit."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ShardHandler)
+    server.daemon_threads = True
+    server.root, server.faults, server.requests = root, dict(faults or {}), {}
+    server.lock, server.stopping = threading.Lock(), threading.Event()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards
 from svq_fast.data.make_shards import write_synthetic
-from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
+from svq_fast.losses.class_balance import balanced_class_weights
 from svq_fast.losses.reconstruction import semantic_loss
 from svq_fast.models.svq import SVQModel
 from svq_fast.named_configs import get_config

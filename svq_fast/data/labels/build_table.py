@@ -41,8 +41,9 @@ import io
 import os
 import sys
 
+from svq_fast.data.labels import IGNORE
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-IGNORE = 255
 
 # Unified names for ADE20k-based classes where ADE's first synonym is an unusual word for the thing.
 RENAME = {
