@@ -17,7 +17,7 @@ import sys
 import torch
 
 from svq_fast.data.loader import list_shards, make_loader
-from svq_fast.eval.sampling import sample_image_tokens
+from svq_fast.eval.sampling import sample_images
 from svq_fast.eval.visualize import colorize, grid, save_png, to_unit
 from svq_fast.export import load_gpt, load_tokenizer
 from svq_fast.train.data import shards_or_synthetic
@@ -58,16 +58,17 @@ def main(argv=None) -> int:
     sem, _ = tokenizer(x, s)
     n = args.samples_per_map
     gen = torch.Generator(device=dev).manual_seed(args.seed)
-    tokens = sample_image_tokens(
+    images = sample_images(  # (B*n, 3, H, W); the app (svq_fast/app) samples through the same function
         gpt,
-        sem.repeat_interleave(n, 0),
+        tokenizer,
+        sem,
+        samples_per_map=n,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         guidance_scale=args.guidance,
         generator=gen,
     )
-    images = tokenizer.decode(sem.repeat_interleave(n, 0), tokens, cfg.model.grid)  # (B*n, 3, H, W)
 
     os.makedirs(args.out, exist_ok=True)
     s1 = tokenizer.semantic_model or tokenizer.image_model
