@@ -61,7 +61,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["svq_fast", "svq_fast.*"]),
-    package_data={"svq_fast": ["data/labels/*.csv", "eval/assets/*/*"]},
+    package_data={"svq_fast": ["data/labels/*.csv", "eval/assets/*/*", "app/static/*"]},
     # torch is left open on purpose: GPU users keep the torch they have. The Makefile pins the release
     # that installs from this machine's disk before installing the package.
     install_requires=[
@@ -86,10 +86,13 @@ setup(
             "pytorch-fid>=0.3",
             "torchmetrics>=1.4",
             "scikit-image",
+            "selenium>=4.15",  # drives Debian's chromium in tests/app/test_app_browser.py
         ],
         "eval": ["lpips", "pytorch-fid>=0.3", "torchmetrics>=1.4", "scipy"],
         "bench": ["vector-quantize-pytorch"],
         "gpu": ["xformers"],
+        # the synthesis page (recipes/app.py, svq_fast/app): a small ASGI app and its server
+        "app": ["starlette>=0.37", "uvicorn>=0.29"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
