@@ -72,6 +72,11 @@ def parse_args(argv=None) -> EvalConfig:
         help="guidance scale of the diagnostic table's guided row (0: no diagnostic sampling rows)",
     )
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    p.add_argument(
+        "--allow-stage1-mismatch",
+        action="store_true",
+        help="stage2: use the stage-1 export even if its weights differ from the ones the GPT was trained on",
+    )
     args = p.parse_args(argv)
     if args.mode == "stage1" and not args.stage1:
         p.error("--mode stage1 needs --stage1 EXPORT_DIR")

@@ -36,6 +36,11 @@ def main(argv=None) -> int:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--allow-stage1-mismatch",
+        action="store_true",
+        help="use the stage-1 export even if its weights differ from the ones the GPT was trained on",
+    )
     args = p.parse_args(argv)
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,7 +53,7 @@ def main(argv=None) -> int:
     ):
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(cfg.sample, field))
-    tokenizer = load_tokenizer(cfg, dev)
+    tokenizer = load_tokenizer(cfg, dev, allow_stage1_mismatch=args.allow_stage1_mismatch)
     shards = list_shards(args.shards) if args.shards else shards_or_synthetic(cfg.data, "val", 0)
     loader = make_loader(
         shards, batch_size=args.num_maps, image_size=cfg.data.image_size, resampled=False, flip=False, shuffle_buffer=1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ class SVQModelConfig:
     # Training only: probability per sample that the image decoder gets another sample's z_x, so the layout has to
     # come from sg[z_s] (coupled models; 0 = off, the paper).
     latent_swap: float = 0.0
+    # Run the conv nets (generator and discriminator) in the channels-last memory format: every Conv2d input is
+    # made NHWC (train/engine.py); parameters and checkpoints keep the default layout.
+    channels_last: bool = False
 
     @property
     def downsampling(self) -> int:
@@ -142,7 +146,8 @@ class GPTConfig:
 class DataConfig:
     """Where the shards are and how they are streamed."""
 
-    train_shards: str = ""  # a directory of .tar shards, a glob, or a brace pattern
+    # a directory of .tar shards, a glob, a brace pattern, http(s):// or pipe: URLs, a *.txt list (data/index.py)
+    train_shards: str = ""
     val_shards: str = ""
     token_shards: str = ""  # stage 2 only: token shards from recipes/tokenize_shards.py (skips the encoder)
     synthetic_default: str = "data/synthetic"  # used when train_shards is empty; generated on first use
@@ -155,6 +160,11 @@ class DataConfig:
     # samples of a step are then independent of the number of ranks (for exact 1-vs-N-rank parity checks).
     global_stream: bool = False
     seed: int = 0
+    # streamed shards (http(s)://, pipe:): failed attempts in a row before a shard is skipped (and counted), seconds
+    # before the first retry (doubling, at most 30), seconds without data before an attempt fails (data/reader.py)
+    stream_retries: int = 3
+    stream_backoff: float = 1.0
+    stream_timeout: float = 60.0
 
 
 @dataclass(kw_only=True)
@@ -198,6 +208,12 @@ class RunConfig:
     resume: str = ""  # "" | "auto" | a checkpoint tag directory
     max_seconds: float = 0.0  # stop (with a checkpoint, no export) after this much training time; 0 = off
     max_nonfinite_skips: int = 20  # consecutive non-finite losses tolerated before the run stops
+    # torch.compile every trained module (fullgraph: a graph break is an error). A compile failure prints one
+    # warning naming the cause and that module runs eagerly (train/engine.py). Not with zero.stage=3.
+    compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager: trace only (tests)
+    # a fresh start (resume "") in a directory holding checkpoints refuses; true: delete the previous run's outputs
+    overwrite: bool = False
 
 
 @dataclass(kw_only=True)
@@ -225,6 +241,10 @@ class Stage2Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     stage1: str = ""  # directory of the stage-1 safetensors export (model.safetensors + config.json)
     stage1_semantic: str = ""  # separate semantic VQVAE export for the VQ-T baseline ("" = coupled model)
+    # sha256 of those exports' model.safetensors; "" = recorded at the training start (train/run_dir.py), then
+    # checked wherever the GPT is loaded with its stage-1 model (svq_fast/export.py: load_tokenizer)
+    stage1_sha256: str = ""
+    stage1_semantic_sha256: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
@@ -336,8 +356,66 @@ def apply_overrides(cfg: Any, args: list[str]) -> Any:
     return cfg
 
 
+# Ranges of single fields, by dotted key (a section missing from a config is skipped): >= 1, >= 0, probability.
+_AT_LEAST_1 = (
+    "model.image_size model.num_classes model.ch model.norm_groups model.z_channels model.semantic_z_channels "
+    "model.semantic_decoder_width model.image_vocab model.semantic_vocab model.grid model.n_layer model.n_head "
+    "model.n_embd quantizer.image_codebook_size quantizer.semantic_codebook_size quantizer.usage_window "
+    "loss.disc_ch loss.disc_layers data.image_size data.synthetic_train_samples optim.max_steps optim.micro_batch "
+    "optim.grad_accum log.every run.max_nonfinite_skips"
+).split()
+_AT_LEAST_0 = (
+    "model.num_res_blocks model.semantic_decoder_blocks quantizer.code_dim quantizer.restart_after data.num_workers "
+    "data.shuffle_buffer optim.warmup_steps optim.weight_decay optim.grad_clip optim.disc_lr log.image_every "
+    "run.save_every run.keep_last run.max_seconds quantizer.beta loss.semantic_weight loss.semantic_class_balance "
+    "loss.l1_weight loss.l2_weight loss.perceptual_weight loss.disc_weight loss.disc_start loss.disc_warmup "
+    "sample.top_k"
+).split()
+_PROBABILITY = "model.dropout model.image_dropout model.latent_swap model.cfg_dropout quantizer.ema_decay".split()
+
+
+def _fields(obj: Any, prefix: str = ""):
+    """(dotted key, value) of every leaf field of a (nested) config."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _fields(value, key + ".")
+        else:
+            yield key, value
+
+
+def _check_ranges(cfg: Any) -> None:
+    values = dict(_fields(cfg))
+    for key, v in values.items():
+        floats = v if isinstance(v, tuple) else (v,)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in floats):
+            raise ConfigError(f"{key}={v} is not a finite number")
+    for keys, ok, what in (
+        (_AT_LEAST_1, lambda v: v >= 1, "must be >= 1"),
+        (_AT_LEAST_0, lambda v: v >= 0, "must be >= 0"),
+        (_PROBABILITY, lambda v: 0.0 <= v <= 1.0, "is a probability: use a value in [0, 1]"),
+    ):
+        for key in keys:
+            if key in values and not ok(values[key]):
+                raise ConfigError(f"{key}={values[key]} {what}")
+    if "model.ch_mult" in values:
+        ch_mult = values["model.ch_mult"]
+        if not ch_mult or any(k < 1 for k in ch_mult):
+            raise ConfigError(f"model.ch_mult={ch_mult} must list at least one width multiplier, each >= 1")
+    if "optim.lr" in values and not values["optim.lr"] > 0:
+        raise ConfigError(f"optim.lr={values['optim.lr']} must be > 0")
+    if "optim.betas" in values and not all(0.0 <= b < 1.0 for b in values["optim.betas"]):
+        raise ConfigError(f"optim.betas={values['optim.betas']} must each be in [0, 1)")
+    if "sample.temperature" in values and not values["sample.temperature"] > 0:
+        raise ConfigError(f"sample.temperature={values['sample.temperature']} must be > 0")
+    if "sample.top_p" in values and not 0.0 < values["sample.top_p"] <= 1.0:
+        raise ConfigError(f"sample.top_p={values['sample.top_p']} must be in (0, 1]")
+
+
 def validate(cfg: Any) -> None:
-    """Cross-field checks that a single field's type cannot express."""
+    """Single-field ranges (each error names its key), then cross-field checks that a type cannot express."""
+    _check_ranges(cfg)
     if isinstance(cfg, Stage1Config):
         m = cfg.model
         for w in [m.ch * k for k in m.ch_mult]:
@@ -357,6 +435,17 @@ def validate(cfg: Any) -> None:
         g = cfg.model
         if g.n_embd % g.n_head:
             raise ConfigError(f"model.n_embd={g.n_embd} is not divisible by model.n_head={g.n_head}")
+    if cfg.run.compile and cfg.zero.stage == 3:
+        raise ConfigError(
+            "run.compile=true with zero.stage=3: ZeRO-3 gathers and releases parameters in module hooks around every "
+            "forward, which this compile path does not trace; use zero.stage <= 2 or run.compile=false"
+        )
+    d = cfg.data
+    if d.stream_retries < 0 or d.stream_backoff < 0 or d.stream_timeout <= 0:
+        raise ConfigError(
+            "data.stream_retries and data.stream_backoff must be >= 0 and data.stream_timeout > 0 (got "
+            f"{d.stream_retries}, {d.stream_backoff}, {d.stream_timeout})"
+        )
     opt = cfg.optim
     if opt.micro_batch < 1 or opt.grad_accum < 1:
         raise ConfigError("optim.micro_batch and optim.grad_accum must be >= 1")

@@ -6,8 +6,13 @@ and every collective is the identity. Collective tensors live on `comm_device()`
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 
 import torch
 import torch.distributed as tdist
@@ -59,6 +64,9 @@ def init_deepspeed() -> tuple[int, int]:
     single-process one when the script was started with plain `python`. Returns (rank, world_size)."""
     import deepspeed
 
+    launched = "RANK" in os.environ or "LOCAL_RANK" in os.environ
+    if launched:
+        watch_launcher()
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
@@ -102,6 +110,111 @@ def release_shm_allreduce_name(rank_: int) -> None:
         pass
 
 
+# -- the launcher's death -----------------------------------------------------------------------------
+
+_LAUNCHER_MODULES = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run",
+                     "torch.distributed.launch", "accelerate.commands.launch")  # fmt: skip
+_LAUNCHER_SCRIPTS = ("deepspeed", "ds", "torchrun", "accelerate")
+_PR_SET_PDEATHSIG = 1
+_watching: list[tuple[int, str]] = []
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time in clock ticks) of a live process from /proc, or None when it is gone (a zombie,
+    dead but not yet reaped by its parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[1]), fields[19]  # ppid, starttime (fields 4 and 22 of proc(5))
+
+
+def process_start(pid: int) -> str | None:
+    """A live process's start time (clock ticks since boot, from /proc: tells a reused pid from the original);
+    None when it is gone or a zombie, or without /proc."""
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _is_launcher(argv: list[str]) -> bool:
+    """A deepspeed / torchrun / accelerate launcher process (its script, or python -m its module)."""
+    return any(a in _LAUNCHER_MODULES for a in argv) or any(os.path.basename(a) in _LAUNCHER_SCRIPTS for a in argv[:2])
+
+
+def launcher_chain() -> list[tuple[int, str, str]]:
+    """[(pid, start time, command)] of the launcher processes above this rank: the parent, and above it every
+    ancestor whose command line is a launcher's (the `deepspeed` runner above deepspeed.launcher.launch)."""
+    chain, pid = [], os.getppid()
+    while pid > 1:
+        stat = _proc_stat(pid)
+        if stat is None:
+            break
+        argv = _argv(pid)
+        if chain and not _is_launcher(argv):
+            break
+        cmd = " ".join(argv)
+        chain.append((pid, stat[1], cmd))
+        pid = stat[0]
+    if not chain and os.getppid() > 1:  # no /proc: the parent alone, watched through os.getppid()
+        chain.append((os.getppid(), "", ""))
+    return chain
+
+
+def watch_launcher(interval: float = 1.0) -> None:
+    """Make this rank notice its launcher's death: the kernel sends SIGTERM when the parent dies
+    (prctl PR_SET_PDEATHSIG), and a watcher thread polls the launcher processes above it (the `deepspeed` runner
+    sits above its launch.py, so a SIGTERM to the runner alone leaves the parent alive). Either way this process
+    gets a SIGTERM, which the training loop turns into a checkpoint and a clean exit at the next step boundary.
+    Idempotent; consumes no random numbers."""
+    if _watching:
+        return
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    chain = launcher_chain()
+    _watching.extend((pid, start) for pid, start, _ in chain)
+    if os.getppid() != parent or parent <= 1:  # died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def alive(pid: int, start: str) -> bool:
+        if pid == parent:
+            return os.getppid() == parent
+        stat = _proc_stat(pid)
+        return stat is not None and (not start or stat[1] == start)
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            gone = [(pid, cmd) for pid, start, cmd in chain if not alive(pid, start)]
+            if gone:
+                pid, cmd = gone[0]
+                print(
+                    f"[rank {rank()}] launcher process {pid} ({cmd.strip()[:80] or 'parent'}) is gone: "
+                    "checkpointing at the next step boundary, then exiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="svq-launcher-watch", daemon=True).start()
+
+
 # -- collectives --------------------------------------------------------------------------------------
 
 
@@ -133,6 +246,32 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(buf) for _ in range(world_size())]
     tdist.all_gather(out, buf)
     return [o.to(t.device) for o in out]
+
+
+def broadcast_text(text: str, src: int = 0) -> str:
+    """Rank src's string on every rank (no pickle: UTF-8 bytes in a uint8 tensor)."""
+    if not is_multi_rank():
+        return text
+    data = text.encode() if rank() == src else b""
+    n = int(broadcast_(torch.tensor([len(data)], dtype=torch.int64), src).item())
+    if n == 0:
+        return ""
+    buf = torch.zeros(n, dtype=torch.uint8)
+    if rank() == src and data:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return bytes(broadcast_(buf, src).tolist()).decode()
+
+
+def all_gather_text(text: str) -> list[str]:
+    """Every rank's string, in rank order (UTF-8 bytes padded to the longest)."""
+    if not is_multi_rank():
+        return [text]
+    data = text.encode()
+    lengths = [int(t.item()) for t in all_gather(torch.tensor([len(data)], dtype=torch.int64))]
+    buf = torch.zeros(max(1, *lengths), dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return [bytes(t[:n].tolist()).decode() for t, n in zip(all_gather(buf), lengths)]
 
 
 def all_reduce_mean(values: dict[str, float], dev: torch.device) -> dict[str, float]:

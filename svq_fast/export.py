@@ -2,18 +2,25 @@
 
 Both training stages and the evaluation segmenter write through `write_export`; `load_stage1`, `load_gpt`,
 `load_tokenizer` and `load_segmenter` build frozen models from them for tokenization, sampling and evaluation.
+
+Identity: config.json records `weights_sha256`, the sha256 of model.safetensors, checked on every load (an export
+without it, from an older version, loads with a warning). A GPT's config records the hashes of its stage-1
+exports (`stage1_sha256`, `stage1_semantic_sha256`, filled when its training starts); `load_tokenizer` refuses a
+stage-1 export with other weights unless asked to allow it. Loading warns about NaN / inf tensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import warnings
 
 import torch
 
-from svq_fast.config import Stage1Config, Stage2Config, from_json, to_json
+from svq_fast.config import ConfigError, Stage1Config, Stage2Config, from_json, to_json
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.segmenter import Segmenter, SegmenterConfig
 from svq_fast.models.svq import SVQModel
@@ -28,9 +35,41 @@ class ExportMismatch(ValueError):
     pass
 
 
+_hashes: dict[tuple, str] = {}  # (real path, size, mtime) -> sha256: each file is hashed once per process
+
+
+def file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        _hashes[key] = h.hexdigest()
+    return _hashes[key]
+
+
+def weights_sha256(export_dir: str) -> str:
+    """sha256 of an export's model.safetensors (FileNotFoundError naming the path when there is none)."""
+    path = os.path.join(export_dir, WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: export a trained model first (training writes <run_dir>/export/)")
+    return file_sha256(path)
+
+
+_IDENTITY_KEYS = ("weights_sha256", "config_sha256")
+
+
+def config_digest(blob: dict) -> str:
+    """sha256 of a config.json's contents apart from the identity keys (canonical JSON: sorted keys)."""
+    rest = {k: v for k, v in blob.items() if k not in _IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_export(tensors: dict[str, torch.Tensor], config_json: str, out_dir: str) -> str:
-    """Write the weights and the config text into out_dir atomically: into out_dir.tmp, then one rename, so a
-    reader never sees half an export."""
+    """Write the weights and the config text (with the sha256 of the weights and of the config added) into
+    out_dir atomically: into out_dir.tmp, then one rename, so a reader never sees half an export."""
     from safetensors.torch import save_file
 
     tmp = out_dir.rstrip("/") + ".tmp"
@@ -38,20 +77,32 @@ def write_export(tensors: dict[str, torch.Tensor], config_json: str, out_dir: st
     os.makedirs(tmp)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(cpu, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+    blob = json.loads(config_json)
+    blob["weights_sha256"] = file_sha256(os.path.join(tmp, WEIGHTS))
+    blob["config_sha256"] = config_digest(blob)
     with open(os.path.join(tmp, CONFIG), "w") as f:
-        f.write(config_json)
+        json.dump(blob, f, indent=2)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
 
 
 def export_model(state_dict: dict[str, torch.Tensor], cfg, out_dir: str) -> str:
-    """A training run's export: its weights and its whole typed config (Stage1Config / Stage2Config)."""
+    """A training run's export: its weights and its whole typed config (Stage1Config / Stage2Config). A GPT config
+    whose stage-1 hashes are not recorded yet gets those of the stage-1 exports it names (when present)."""
+    if isinstance(cfg, Stage2Config):
+        cfg = dataclasses.replace(cfg)
+        for path_key, hash_key in (("stage1", "stage1_sha256"), ("stage1_semantic", "stage1_semantic_sha256")):
+            path = getattr(cfg, path_key)
+            if path and not getattr(cfg, hash_key) and os.path.isfile(os.path.join(path, WEIGHTS)):
+                setattr(cfg, hash_key, weights_sha256(path))
     return write_export(state_dict, to_json(cfg), out_dir)
 
 
 def read_files(export_dir: str, missing_hint: str) -> tuple[str, dict[str, torch.Tensor]]:
-    """-> (config.json text, tensors); a missing file is named together with `missing_hint` (how to make it)."""
+    """-> (config.json text, tensors), with the weights checked against the sha256 config.json records; a
+    missing file is named together with `missing_hint` (how to make it), a broken one by its path."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights, config = os.path.join(export_dir, WEIGHTS), os.path.join(export_dir, CONFIG)
@@ -60,7 +111,35 @@ def read_files(export_dir: str, missing_hint: str) -> tuple[str, dict[str, torch
             raise FileNotFoundError(f"{path} not found: {missing_hint}")
     with open(config) as f:
         text = f.read()
-    return text, load_file(weights)
+    try:
+        blob = json.loads(text)
+    except ValueError as e:
+        raise ExportMismatch(f"{config} is not valid JSON ({e}): the export is damaged; export the model again") from e
+    if not isinstance(blob, dict):
+        raise ExportMismatch(f"{config} holds a JSON {type(blob).__name__}, expected an object")
+    recorded = blob.get("weights_sha256")
+    if recorded is None:
+        warnings.warn(
+            f"{config} records no weights_sha256 (an export of an older version): {weights} cannot be checked",
+            stacklevel=3,
+        )
+    elif file_sha256(weights) != recorded:
+        raise ExportMismatch(
+            f"{weights} does not match the sha256 recorded in {config} (damaged, or replaced without its config)"
+        )
+    elif blob.get("config_sha256") not in (None, config_digest(blob)):
+        raise ExportMismatch(
+            f"{config} was edited after the export was written (its contents no longer match config_sha256): "
+            "a changed setting such as ignore_index would silently change every result; export the model again"
+        )
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportMismatch(f"{weights} is not a readable safetensors file: {e}") from e
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warnings.warn(f"{weights}: {len(bad)} tensors hold NaN or inf: {bad[:6]}", stacklevel=3)
+    return text, tensors
 
 
 def read_export(export_dir: str):
@@ -68,7 +147,10 @@ def read_export(export_dir: str):
     text, tensors = read_files(
         export_dir, "export a trained model first (training writes <run_dir>/export/ at the end)"
     )
-    return from_json(text), tensors
+    try:
+        return from_json(text), tensors
+    except (ConfigError, KeyError, TypeError) as e:
+        raise ExportMismatch(f"{os.path.join(export_dir, CONFIG)} is not a training config: {e}") from e
 
 
 def load_state_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -111,8 +193,32 @@ def load_gpt(export_dir: str, device: torch.device | str = "cpu") -> tuple[Seman
     return model.to(device).eval().requires_grad_(False), cfg
 
 
-def load_tokenizer(cfg: Stage2Config, dev) -> Tokenizer:
-    """The frozen stage-1 model(s) a stage-2 config names, checked against the GPT's vocabularies and grid."""
+def check_stage1_identity(cfg: Stage2Config, *, allow_mismatch: bool = False) -> None:
+    """The stage-1 exports a GPT config names must be the ones it was trained on (their recorded sha256);
+    ExportMismatch otherwise, or a warning with allow_mismatch. A config without hashes (older) warns."""
+    for path_key, hash_key in (("stage1", "stage1_sha256"), ("stage1_semantic", "stage1_semantic_sha256")):
+        path, recorded = getattr(cfg, path_key), getattr(cfg, hash_key)
+        if not path:
+            continue
+        if not recorded:
+            warnings.warn(f"the GPT config records no {hash_key} (older export): {path} is unchecked", stacklevel=3)
+            continue
+        now = weights_sha256(path)
+        if now != recorded:
+            msg = (
+                f"{os.path.join(path, WEIGHTS)} has sha256 {now[:16]}..., but the GPT was trained on the stage-1 model "
+                f"with sha256 {recorded[:16]}... (was stage 1 trained further or replaced in place?): its tokens "
+                "would not be the ones the GPT learned"
+            )
+            if not allow_mismatch:
+                raise ExportMismatch(msg + "; pass --allow-stage1-mismatch to use it anyway")
+            warnings.warn(msg + " (allowed by --allow-stage1-mismatch)", stacklevel=3)
+
+
+def load_tokenizer(cfg: Stage2Config, dev, *, allow_stage1_mismatch: bool = False) -> Tokenizer:
+    """The frozen stage-1 model(s) a stage-2 config names, checked to be the ones it was trained on (see
+    check_stage1_identity) and against the GPT's vocabularies and grid."""
+    check_stage1_identity(cfg, allow_mismatch=allow_stage1_mismatch)
     image_model, s1 = load_stage1(cfg.stage1, dev)
     semantic_model = load_stage1(cfg.stage1_semantic, dev)[0] if cfg.stage1_semantic else None
     tok = Tokenizer(image_model, semantic_model)
@@ -145,7 +251,7 @@ def load_segmenter(path: str, device: torch.device | str = "cpu") -> tuple[Segme
     )
     text, tensors = read_files(path, hint)
     config = os.path.join(path, CONFIG)
-    blob = json.loads(text)
+    blob = json.loads(text)  # valid JSON: read_files checked it
     if blob.get("type") != SEGMENTER_TYPE:
         raise ValueError(f"{config} holds a {blob.get('type')!r} config, expected {SEGMENTER_TYPE}")
     known = {f.name for f in dataclasses.fields(SegmenterConfig)}

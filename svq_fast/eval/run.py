@@ -61,6 +61,7 @@ class EvalConfig:
     # stage 2: guidance scale of the diagnostic table's guided row (0 = no diagnostic sampling rows)
     diagnostics_guidance: float = 3.0
     cpu: bool = False  # stay on the CPU even when a GPU is present
+    allow_stage1_mismatch: bool = False  # stage 2: accept a stage-1 export other than the GPT's (export.py)
 
     def __post_init__(self):
         if self.mode == "stage1" and not self.stage1:

@@ -91,7 +91,7 @@ class Stage2Task:
         self.gpt, cfg = load_gpt(args.gpt, dev)
         if args.stage1:
             cfg.stage1 = args.stage1
-        self.tokenizer = load_tokenizer(cfg, dev)
+        self.tokenizer = load_tokenizer(cfg, dev, allow_stage1_mismatch=args.allow_stage1_mismatch)
         if args.semantic_tokens == "map-only" and self.tokenizer.semantic_model is not None:
             raise ValueError(
                 "--semantic-tokens map-only needs a coupled (sVQ) stage-1 model; this GPT uses a separate one"

@@ -3,6 +3,11 @@
 Read `run` top to bottom: resume -> for each step: `train_step` (data from `stage.loader`, forward, backward
 and optimizer step inside `stage.micro_step`) -> logging window -> stop requests (SIGTERM, time limit) ->
 checkpoint cadence -> test callbacks; then the final checkpoint and, for a finished run, the export.
+
+Run identity: a fresh start draws a run id, a resume keeps the id of the checkpoint it continues; checkpoints
+carry it, and pruning and resume=auto only look at the run's own (checkpoint.py, run_dir.py). SIGTERM (from the
+scheduler, or sent by svq_fast.dist.watch_launcher when the launcher dies) stops every rank at the same step
+boundary with a checkpoint; DataLoader workers ignore it, so the rank can still finish its step.
 """
 
 from __future__ import annotations
@@ -10,17 +15,28 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch.utils.data import DataLoader
 
 from svq_fast import dist
 from svq_fast.export import export_model
-from svq_fast.train.checkpoint import full_state_dict, load_checkpoint, resolve_resume, save_checkpoint
+from svq_fast.train.checkpoint import (
+    CheckpointError,
+    checkpoint_run_id,
+    full_state_dict,
+    load_checkpoint,
+    resume_candidates,
+    save_checkpoint,
+    verify_files,
+)
 from svq_fast.train.logger import RunLogger
 from svq_fast.train.metrics import MetricsWindow
 from svq_fast.train.perf import PhaseTimer, device_peak, profiler
+from svq_fast.train.run_dir import new_run_id, read_run_id, record_run, release_lock
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,7 +75,7 @@ def run(
     cfg, stage: Stage, *, rank: int, world: int, dev: torch.device, run_dir: str, after_step: Sequence[AfterStep] = ()
 ) -> dict:
     opt = cfg.optim
-    start = resume(cfg, stage, run_dir, rank)
+    start, run_id, resumed = resume(cfg, stage, run_dir, rank)
     log = RunLogger(run_dir, rank=rank, total_steps=opt.max_steps, initial_step=start, tensorboard=cfg.log.tensorboard,
                     progress=cfg.log.progress, desc=stage.name)  # fmt: skip
     history = [h for h in _read_history(run_dir) if h["step"] <= start] if start else []
@@ -68,6 +84,7 @@ def run(
         stage, micro_batch=opt.micro_batch, grad_accum=opt.grad_accum, world=world, dev=dev, peak=peak
     )
     guard = NonFiniteGuard(stage.name, cfg.run.max_nonfinite_skips, rank)
+    _workers_ignore_sigterm(stage.loader)
     batches = _forever(stage.loader)
     t_start = time.perf_counter()
     step, stop_reason = start, "max_steps"
@@ -90,11 +107,12 @@ def run(
                     stop_reason = "preempted" if preempt.requested else "max_seconds"
                 break
             if cfg.run.save_every and step % cfg.run.save_every == 0:
-                checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank)
+                checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank, run_id)
             for callback in after_step:
                 callback(step)
     log.close()
-    checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank)
+    if not (resumed and step == start):  # a resume that took no step: its checkpoint already holds this state
+        checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank, run_id)
     if stop_reason == "max_steps":
         export(cfg, stage, rank, run_dir)
     elif rank == 0:
@@ -103,8 +121,10 @@ def run(
             flush=True,
         )
     dist.barrier()
+    release_lock(run_dir)  # taken by run_dir.prepare_run (rank 0); a no-op where not held
     return {
         "run_dir": run_dir,
+        "run_id": run_id,
         "history": history,
         "step": step,
         "stop_reason": stop_reason,
@@ -113,20 +133,69 @@ def run(
     }
 
 
-def resume(cfg, stage: Stage, run_dir: str, rank: int) -> int:
-    """Restore engines, RNG and loader position from the checkpoint run.resume names -> the step to continue
-    from; a fresh start seeds this rank's stream (dropout, CFG / image-modality dropout) and returns 0."""
-    resume_dir = resolve_resume(run_dir, cfg.run.resume)
+def resume(cfg, stage: Stage, run_dir: str, rank: int) -> tuple[int, str, bool]:
+    """Restore engines, RNG and loader position from the checkpoint run.resume names -> (the step to continue
+    from, the run id, whether it resumed). Every candidate's files are checked against its manifest before
+    DeepSpeed opens them; resume=auto skips a damaged one, says why, and takes the previous complete one of the
+    same run. A fresh start draws a new run id and seeds this rank's stream (dropout, CFG / image-modality
+    dropout)."""
+    resume_dir, run_id = _choose_checkpoint(cfg.run.resume, run_dir, stage.name, rank)
     if not resume_dir:
+        run_id = dist.broadcast_text(new_run_id() if rank == 0 else "")
+        if rank == 0:
+            record_run(run_dir, run_id, "start", 0)
         torch.manual_seed(cfg.run.seed * 1000 + rank)
-        return 0
-    client = load_checkpoint(resume_dir, stage.engines)  # also restores this rank's RNG states
+        return 0, run_id, False
+    client = load_checkpoint(resume_dir, stage.engines, verified=True)  # also restores this rank's RNG states
     if client.get("loader") is not None:
         stage.loader.load_state_dict(client["loader"])
     start = int(client.get("step", 0))
     if rank == 0:
-        print(f"[{stage.name}] resumed from {resume_dir} at step {start}", flush=True)
-    return start
+        record_run(run_dir, run_id, "resume", start)
+        print(f"[{stage.name}] resumed from {resume_dir} at step {start} (run {run_id})", flush=True)
+        if cfg.optim.max_steps <= start:
+            print(
+                f"warning: [{stage.name}] optim.max_steps={cfg.optim.max_steps} is at or below the resumed step "
+                f"{start}: no training step will run (raise --optim.max_steps to train further)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return start, run_id, True
+
+
+def _choose_checkpoint(resume_arg: str, run_dir: str, name: str, rank: int) -> tuple[str | None, str]:
+    """Collective: the newest verified checkpoint run.resume asks for -> (its tag dir or None, its run id)."""
+    found, error = [], ""
+    owner = read_run_id(run_dir) if rank == 0 else ""
+    if rank == 0:
+        try:
+            found = resume_candidates(run_dir, resume_arg, owner or None)
+        except FileNotFoundError as e:
+            error = str(e)
+    blob = json.loads(dist.broadcast_text(json.dumps({"found": found, "error": error, "owner": owner})))
+    if blob["error"]:
+        raise CheckpointError(blob["error"])
+    skipped = []
+    for tag in blob["found"]:
+        problems = verify_files(tag)
+        if not problems:
+            if skipped and rank == 0:
+                print(f"[{name}] resuming from {tag}, the newest intact checkpoint", file=sys.stderr, flush=True)
+            run_id = checkpoint_run_id(tag) or blob["owner"]  # an older version's checkpoint has none: a new one
+            return tag, run_id or dist.broadcast_text(new_run_id() if rank == 0 else "")
+        if resume_arg != "auto":
+            raise CheckpointError(f"checkpoint {tag} is damaged: " + "; ".join(problems[:4]))
+        skipped.append(tag)
+        if rank == 0:
+            print(
+                f"warning: [{name}] checkpoint {tag} is damaged and is skipped: {'; '.join(problems[:4])}; "
+                "falling back to the previous complete checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint to resume from in {run_dir}: every one is damaged ({skipped})")
+    return None, ""
 
 
 class NonFiniteGuard:
@@ -189,12 +258,14 @@ def log_window(step: int, stage: Stage, window: MetricsWindow, log: RunLogger, g
     return {"step": step, **losses, **scalars}
 
 
-def checkpoint(run_dir: str, step: int, stage: Stage, history: list[dict], keep_last: int, rank: int) -> None:
+def checkpoint(
+    run_dir: str, step: int, stage: Stage, history: list[dict], keep_last: int, rank: int, run_id: str = ""
+) -> None:
     """Collective: every engine's state + RNG + loader position; rank 0 writes the curve so far beside it, so a
     resumed run continues it."""
     state = getattr(stage.loader, "state_dict", None)
     client = {"step": step, "loader": state() if state is not None else None}
-    save_checkpoint(run_dir, step, stage.engines, client, keep_last)
+    save_checkpoint(run_dir, step, stage.engines, client, keep_last, run_id=run_id)
     if rank == 0:
         _write_history(run_dir, history)
 
@@ -238,6 +309,29 @@ def _announce_flops(stage: Stage, dev: torch.device, precision: str, rank: int) 
             flush=True,
         )
     return peak
+
+
+class _IgnoreSigterm:
+    """DataLoader worker_init_fn: the worker ignores SIGTERM (a job-wide SIGTERM reaches the workers too; the rank
+    checkpoints and tears them down itself), then runs the loader's own worker_init_fn, if any."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def _workers_ignore_sigterm(loader) -> None:
+    """Install _IgnoreSigterm on the DataLoader behind `loader` (itself, or one it wraps as `.loader`)."""
+    for _ in range(4):
+        if isinstance(loader, DataLoader):
+            if not isinstance(loader.worker_init_fn, _IgnoreSigterm):
+                loader.worker_init_fn = _IgnoreSigterm(loader.worker_init_fn)
+            return
+        loader = getattr(loader, "loader", None)
 
 
 def _forever(loader):
