@@ -3,24 +3,32 @@
     python benchmarks/bench_data.py                    # default sizes, ~1-2 minutes on 2 cores
     python benchmarks/bench_data.py --quick            # smaller counts, for a smoke run
     python benchmarks/bench_data.py --out results.json
+    python benchmarks/bench_data.py --streams-only     # only the HTTP-vs-local loader comparison
 
 Writers: `write_synthetic` (render + PNG encode) at 64 and 256 px, and the real-data converter on a generated
 ADE20k-layout tree of 512x384 JPEG images with 8-bit maps (decode, LUT remap, checks, resize to 256, crop,
 JPEG encode), each with 1 and 2 processes.
 Loader: one full exact epoch per setting (first epoch includes worker start-up), batch 32, for num_workers
 0, 1, 2, on the shards written above; samples/s = samples delivered / wall time.
+Streams: the same epochs read over HTTP from a server on 127.0.0.1 (Python's http.server in a thread; the loader
+streams through curl and WebDataset's tar iteration) against the local files, synthetic 64 and 256 px, for
+num_workers 0 and 2; each pair is measured twice, interleaved, and the faster of each kept; printed as ratios.
 Also prints the per-pixel colour baselines on the synthetic scenes (the difficulty check).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import http.server
 import json
 import os
 import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -73,6 +81,58 @@ def bench_loader(shards: list[str], image_size: int, num_workers: int, batch: in
     return n, time.perf_counter() - t
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a loader that stops mid-shard closes its connection
+        pass
+
+
+@contextlib.contextmanager
+def serve(root: str):
+    """Base URL of an HTTP server on 127.0.0.1 serving `root` from a thread."""
+    server = _Server(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def bench_streams(tmp: str, n64: int, n256: int) -> list[tuple]:
+    """[(size, num_workers, local samples/s, http samples/s)] on freshly written synthetic shards."""
+    out = []
+    for size, n in ((64, n64), (256, n256)):
+        root = os.path.join(tmp, f"streams{size}")
+        write_synthetic(root, size=size, num_samples=n, samples_per_shard=250, processes=2, progress=False)
+        local = list_shards(root)
+        with serve(root) as url:
+            remote = [f"{url}/{os.path.basename(p)}" for p in local]
+            for nw in (0, 2):
+                best = {"local": 0.0, "http": 0.0}
+                for _ in range(2):
+                    for kind, shards in (("local", local), ("http", remote)):
+                        k, dt = bench_loader(shards, size, nw)
+                        best[kind] = max(best[kind], k / dt)
+                out.append((size, nw, best["local"], best["http"]))
+                print(f"  {size}px num_workers={nw}: local {best['local']:.0f}/s, http {best['http']:.0f}/s")
+    return out
+
+
+def print_streams(rows: list[tuple]) -> None:
+    print("\n| data | num_workers | local samples/s | http samples/s | http / local |")
+    print("|---|---:|---:|---:|---:|")
+    for size, nw, a, b in rows:
+        print(f"| synthetic {size}px png | {nw} | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
+
+
 def colour_baselines(n_train: int, n_val: int) -> tuple[float, float]:
     def pixels(offset, n):
         xs, ys = zip(*(render_scene(SyntheticSpec(size=64), offset + i) for i in range(n)))
@@ -100,10 +160,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="")
+    p.add_argument("--streams-only", action="store_true", help="only the HTTP-vs-local loader rows")
     args = p.parse_args(argv)
     n64, n256, nade = (400, 100, 40) if args.quick else (3000, 600, 300)
     rows = []
     tmp = tempfile.mkdtemp(prefix="bench_data_")
+    if args.streams_only:
+        try:
+            print(f"machine: {machine()}")
+            streams = bench_streams(tmp, n64, n256)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print_streams(streams)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"machine": machine(), "streams": streams}, f, indent=1)
+        return 0
     try:
         print(f"machine: {machine()}")
         shards = {}
@@ -134,6 +206,7 @@ def main(argv=None) -> int:
             for nw in (0, 1, 2):
                 n, dt = bench_loader(sh, size, nw)
                 rows.append(("loader", name, f"num_workers={nw}", n, dt))
+        streams = bench_streams(tmp, n64, n256)
         nearest, lut = colour_baselines(300, 100)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,13 +215,15 @@ def main(argv=None) -> int:
     print("|---|---|---|---:|---:|---:|")
     for what, data, setting, n, dt in rows:
         print(f"| {what} | {data} | {setting} | {n} | {dt:.2f} | {n / dt:.0f} |")
+    print_streams(streams)
     print(
         f"\nsynthetic 64px, 300 train / 100 val scenes: per-pixel nearest-mean colour mIoU {nearest:.3f}, "
         f"colour look-up (16^3 RGB bins) mIoU {lut:.3f}"
     )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": machine(), "rows": rows, "colour_baselines": [nearest, lut]}, f, indent=1)
+            blob = {"machine": machine(), "rows": rows, "streams": streams, "colour_baselines": [nearest, lut]}
+            json.dump(blob, f, indent=1)
     return 0
 
 

@@ -66,7 +66,7 @@ class FaultLog:
         for e in events:
             name = _COUNTERS.get(e["kind"], e["kind"])
             self.counts[name] += int(e.get("n", 1))
-            if e["kind"] == "retry" and e.get("timeout"):
+            if e.get("timeout"):
                 self.counts["timeouts"] += 1
             if e["kind"] in ("retry", "skipped_shard"):
                 self.recent.append(e)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import tarfile
 import tempfile
 import time
@@ -51,6 +52,11 @@ class FaultPolicy:
     def __post_init__(self):
         if self.retries < 0 or self.backoff < 0 or self.timeout <= 0 or self.cooldown < 0:
             raise ValueError(f"FaultPolicy needs retries >= 0, backoff >= 0, timeout > 0, cooldown >= 0; got {self}")
+
+    @classmethod
+    def of(cls, data_cfg) -> FaultPolicy:
+        """The policy a DataConfig asks for (its stream_retries, stream_backoff, stream_timeout)."""
+        return cls(retries=data_cfg.stream_retries, backoff=data_cfg.stream_backoff, timeout=data_cfg.stream_timeout)
 
     def delay(self, attempt: int) -> float:
         return min(30.0, self.backoff * 2 ** (attempt - 1))
@@ -153,7 +159,10 @@ class _Watched:
     def kill(self) -> None:
         proc = self.pipe.proc
         if proc.poll() is None:
-            proc.kill()
+            try:  # the command runs in its own session: end its children too (a shell's pipeline)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                proc.kill()
         try:
             proc.wait(timeout=10)
         except Exception:
@@ -183,15 +192,16 @@ def open_url(url: str, timeout: float = 60.0):
     stderr = tempfile.TemporaryFile()
     scheme = urlparse(url).scheme
     if url.startswith("pipe:"):
-        pipe = Pipe(url[5:], mode="rb", shell=True, bufsize=0, ignore_status=[141], stderr=stderr)
+        cmd, shell = url[5:], True
     elif scheme in ("http", "https"):
-        pipe = Pipe(_curl(url, timeout), mode="rb", bufsize=0, ignore_status=[141], stderr=stderr)
+        cmd, shell = _curl(url, timeout), False
     else:
         stderr.close()
         stream = gopen(url, "rb")
         if not isinstance(stream, Pipe):
             return stream
         return _Watched(stream, url, timeout)
+    pipe = Pipe(cmd, mode="rb", shell=shell, bufsize=0, ignore_status=[141], stderr=stderr, start_new_session=True)
     return _Watched(pipe, url, timeout, stderr)
 
 
@@ -352,7 +362,8 @@ class ShardCursor:
             failures += 1
             if failures > self.faults.retries:
                 self._dead[url] = (time.monotonic(), error)
-                self.report("skipped_shard", url=url, error=error, attempts=failures, lost=stop - pos)
+                timeout = isinstance(exc, StreamTimeout)
+                self.report("skipped_shard", url=url, error=error, attempts=failures, lost=stop - pos, timeout=timeout)
                 break
             delay = self.faults.delay(failures)
             timeout = isinstance(exc, StreamTimeout)

@@ -117,3 +117,18 @@ def test_stage2_refuses_tokens_of_another_model(tokens):
     cfg.data.token_shards = str(tokens / "tok")
     with pytest.raises(ValueError, match="image vocab"):
         token_train_loader(cfg, 0, 1)
+
+
+def test_token_shards_stream_over_http_like_local_ones(tokens, fx):
+    names = sorted(p.name for p in (tokens / "tok").glob("*.tar"))
+    kw = dict(batch_size=4, rank=0, world_size=1, resampled=False, shuffle_buffer=4)
+    local = list(make_token_loader(str(tokens / "tok"), **kw))
+    with fx.serve_dir(str(tokens / "tok")) as server:
+        spec = ",".join(f"{server.url}/{n}" for n in names)
+        assert read_token_index(spec)["grid"] == 16  # read beside the shards, through the same opener
+        remote = list(make_token_loader(spec, **kw))
+    assert len(remote) == len(local) == 3
+    for a, b in zip(local, remote):
+        assert a["key"] == b["key"] and torch.equal(a["sem"], b["sem"]) and torch.equal(a["img"], b["img"])
+    blank = make_token_loader(str(tokens / "tok"), **kw).dataset.blank_sample()
+    assert blank["sem"].shape == blank["img"].shape == (256,)  # tokens per grid, not an image size
