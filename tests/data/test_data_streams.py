@@ -13,7 +13,7 @@ import torch
 from svq_fast.data.faults import DataFaultWarning
 from svq_fast.data.index import MissingIndex, index_url, list_shards, read_index, shard_counts, shard_name
 from svq_fast.data.loader import make_loader
-from svq_fast.data.reader import FaultPolicy, StreamError, iter_samples
+from svq_fast.data.reader import FaultPolicy, ShardCursor, StreamError, iter_samples
 
 COUNTS = [7, 3, 11, 0, 1, 5]  # 27 samples, uneven, one empty shard
 FAST = FaultPolicy(retries=2, backoff=0.01, timeout=1.0)
@@ -168,3 +168,18 @@ def test_fault_counts_reach_tensorboard(tmp_path, fx):
     acc.Reload()
     assert acc.Scalars("data/skipped_shards")[-1].value == 1.0
     assert acc.Scalars("data/retries")[-1].value == FAST.retries
+
+
+def test_a_given_up_shard_is_not_retried_during_its_cooldown(tmp_path):
+    sleeps, events = [], []
+    policy = FaultPolicy(retries=2, backoff=0.5, timeout=1.0, cooldown=60.0)
+    cursor = ShardCursor(policy, lambda kind, **f: events.append((kind, f)), sleep=sleeps.append)
+    url = f"pipe:cat {tmp_path}/missing.tar"
+    assert cursor.read(url, 0, 3, expected=3) == [None] * 3
+    assert sleeps == [0.5, 1.0] and [k for k, _ in events] == ["retry", "retry", "skipped_shard"]
+    assert events[-1][1]["attempts"] == 3 and "exit status 1" in events[-1][1]["error"]
+    assert cursor.read(url, 0, 2, expected=3) == [None] * 2  # within the cooldown: skipped at once
+    assert sleeps == [0.5, 1.0] and "skipped again" in events[-1][1]["error"]
+    again = ShardCursor(FaultPolicy(retries=0, cooldown=0.0), lambda kind, **f: events.append((kind, f)))
+    assert again.read(url, 0, 1, expected=3) == [None] and again.read(url, 0, 1, expected=3) == [None]
+    assert [f.get("attempts") for k, f in events[-2:]] == [1, 1]  # no cooldown: each read tries once more
