@@ -408,7 +408,7 @@ async function sample() {
 
 function showResult(job, res, t0) {
   app.lastResult = res;
-  const shown = Math.max(1, Math.floor(256 / app.size)) * app.size;
+  const shown = Math.max(1, Math.floor(192 / app.size)) * app.size;
   $("understood").src = res.understood;
   $("understood").width = shown;
   $("understood-figure").hidden = false;
