@@ -38,11 +38,14 @@ the parameter at their next step.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from svq_fast import dist
+from svq_fast.kernels._library import define_op
 from svq_fast.kernels.vq import BACKENDS, vq
 
 GRADS = ("ste", "rotation")
@@ -169,14 +172,18 @@ class VectorQuantizer(nn.Module):
         x = self.proj_in(flat) if self.proj_in is not None else flat  # (N, C)
         if self.cosine:
             x = F.normalize(x, dim=1)
-        if self.training and self.init_from_data and not self._init_checked:
-            self._init_checked = True  # one host sync per module, not per step
-            if int(self.step) == 0:  # a fresh codebook (a loaded or resumed one has seen steps)
-                # The random init sits far from the encoder's outputs, so a handful of codes would take every
-                # latent and the rest stay dead until the first restart window (measured on the tiny semantic
-                # VQVAE: perplexity 3 and mIoU 0.05 for its first 100 steps). Seed every code from this batch.
-                with torch.no_grad():
-                    self._reseed(torch.arange(self.codebook_size, device=x.device), x.detach())
+        compiling = torch.compiler.is_compiling()
+        if self.training and self.init_from_data and (compiling or not self._init_checked):
+            # Eager: one check per module (a host sync), not per step. Compiled: the op checks every step (a flag
+            # flipped inside the graph would make the first step's graph differ from the others: two compiles).
+            self._init_checked = True
+            # A fresh codebook (step 0; a loaded or resumed one has seen steps): the random init sits far from the
+            # encoder's outputs, so a handful of codes would take every latent and the rest stay dead until the
+            # first restart window (measured on the tiny semantic VQVAE: perplexity 3 and mIoU 0.05 for its first
+            # 100 steps). Seed every code from this batch.
+            with torch.no_grad():
+                xd = x.detach()
+                self._state_op("init", xd, xd.new_empty(0, dtype=torch.int64), xd)
         codebook = self.codebook()  # (K, C)
         if self.ema and not self.cosine:
             codebook = codebook.clone()  # the EMA update below writes the weight in place; autograd saved this
@@ -190,7 +197,7 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 counts = self._update(x.detach(), out.indices, out.z_q.detach())
             else:
-                counts = torch.bincount(out.indices, minlength=self.codebook_size)
+                counts = _code_counts(out.indices, self.codebook_size)
             perplexity = _perplexity(counts)
         info = {"indices": out.indices.view(b, h, w), "perplexity": perplexity}
         return z_q, loss, info
@@ -204,85 +211,44 @@ class VectorQuantizer(nn.Module):
         return codes.permute(0, 3, 1, 2).contiguous()
 
     # -- training-time state: usage, EMA, restarts --------------------------------------------------------
+    # The bookkeeping runs as registered ops (svq_fast::quantizer_state_grad / _ema, below the class) that mutate the
+    # buffers they are given: it is data-dependent (dead codes, restarts), makes collectives and draws random rows,
+    # none of which a compile trace can hold, and as an op it stays inside a compiled graph instead of breaking it.
+
+    def _state_args(self, x: torch.Tensor) -> tuple:
+        empty = x.new_empty(0)
+        buf = self._buffers
+        tensors = (
+            self.embedding.weight.detach(),
+            buf.get("restart_offset", empty),
+            buf.get("ema_cluster_size", empty),
+            buf.get("ema_embed_sum", empty),
+            self.step,
+            self.last_used,
+            self.last_reset,
+            self.usage_ema,
+            self.restarts,
+        )
+        cfg = (self.ema, self.ema_decay, self.ema_eps, self.restart_after, self.restart_sampling, self.usage_window)
+        return tensors, cfg
+
+    def _state_op(self, phase: str, x: torch.Tensor, indices: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """phase "init": seed every code from x (N, C) when the codebook is fresh (step 0); phase "update": count,
+        all-reduce, EMA, restart dead codes. -> the global code counts (K,) fp32 (empty for "init")."""
+        if self.ema and hasattr(self.embedding.weight, "ds_status"):
+            raise RuntimeError(
+                "VectorQuantizer(ema=True) under DeepSpeed ZeRO-3: the codebook parameter is partitioned and an EMA "
+                "write inside forward would be dropped when it is released. Use ZeRO stage <= 2, or ema=False."
+            )
+        tensors, cfg = self._state_args(x)
+        op = quantizer_state_ema_op if self.ema else quantizer_state_grad_op
+        return op(phase, x, indices, codes, *tensors, *cfg)
 
     @torch.no_grad()
     def _update(self, x: torch.Tensor, indices: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """x (N, C) detached lookup inputs, indices (N,), codes (N, C) their nearest codes.
         Returns the global code counts (K,) fp32."""
-        k, c = self.codebook_size, self.code_dim
-        counts = torch.bincount(indices, minlength=k).float()  # (K,)
-        if self.ema:
-            sums = torch.zeros(k, c, device=x.device, dtype=torch.float32)
-            sums.index_add_(0, indices, x.float())  # (K, C)
-            packed = torch.cat([counts, sums.flatten()])
-        else:
-            packed = counts
-        dist.all_reduce_sum_(packed)  # one collective for counts (and EMA sums): every rank updates alike
-        counts = packed[:k]
-        self.step.add_(1)
-        self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
-        decay = 1.0 - 1.0 / self.usage_window
-        self.usage_ema.mul_(decay).add_(counts / counts.sum().clamp_min(1.0), alpha=1.0 - decay)
-        if self.ema:
-            self._ema_update(counts, packed[k:].view(k, c))
-        if self.restart_after > 0:
-            self._restart_dead(x, codes)
-        return counts
-
-    def _ema_update(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
-        """counts (K,), sums (K, C): global statistics of this step."""
-        if hasattr(self.embedding.weight, "ds_status"):
-            raise RuntimeError(
-                "VectorQuantizer(ema=True) under DeepSpeed ZeRO-3: the codebook parameter is partitioned and an EMA "
-                "write inside forward would be dropped when it is released. Use ZeRO stage <= 2, or ema=False."
-            )
-        decay = self.ema_decay
-        self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
-        self.ema_embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
-        n = self.ema_cluster_size.sum()
-        k = self.codebook_size
-        smoothed = (self.ema_cluster_size + self.ema_eps) / (n + k * self.ema_eps) * n  # Laplace smoothing
-        self.embedding.weight.copy_(self.ema_embed_sum / smoothed[:, None])
-
-    def _restart_dead(self, x: torch.Tensor, codes: torch.Tensor) -> None:
-        """Re-seed codes unused for restart_after steps from the rows of x (N, C) (codes (N, C): their nearest
-        codes); identical on every rank."""
-        since = self.step - torch.maximum(self.last_used, self.last_reset)  # (K,) steps without use
-        dead = torch.nonzero(since >= self.restart_after).flatten()  # same on all ranks (global counts)
-        if dead.numel() == 0:
-            return
-        weight = None
-        if self.restart_sampling == "error":
-            weight = (x.float() - codes.float()).pow(2).sum(1)  # (N,) squared quantization error
-        self._reseed(dead, x, weight)
-        self.restarts.add_(dead.numel())
-
-    def _reseed(self, dead: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Set codes `dead` (n_dead,) to rows of x (N, C), rank 0's draw on every rank: distinct rows drawn
-        uniformly, or with probability ~ weight (N,) (k-means++'s D^2 seeding when weight is the squared
-        quantization error: the latents the codebook represents worst get the freed codes)."""
-        n_dead, n = dead.numel(), x.shape[0]
-        # every rank draws (keeps RNG streams aligned), rank 0's draw is broadcast
-        if n_dead <= n:
-            if weight is None:
-                pick = torch.randperm(n, device=x.device)[:n_dead]
-            else:  # weighted draw without replacement (Efraimidis-Spirakis: top n_dead of weight / Exp(1))
-                keys = (weight.float() + 1e-12) / torch.empty(n, device=x.device).exponential_()
-                pick = keys.topk(n_dead).indices
-            new = x[pick].float()  # (n_dead, C)
-        else:
-            pick = torch.randint(n, (n_dead,), device=x.device)
-            new = x[pick].float()
-            new = new + 0.01 * x.float().std() * torch.randn_like(new)  # split duplicates
-        dist.broadcast_(new, src=0)
-        if self.ema:
-            self.embedding.weight[dead] = new.to(self.embedding.weight.dtype)
-            self.ema_cluster_size[dead] = 1.0
-            self.ema_embed_sum[dead] = new
-        else:
-            w = self.embedding.weight
-            self.restart_offset[dead] = (new - w[dead].float()).to(self.restart_offset.dtype)
-        self.last_reset[dead] = self.step
+        return self._state_op("update", x, indices, codes)
 
     # -- logging ----------------------------------------------------------------------------------------
 
@@ -320,3 +286,144 @@ class VectorQuantizer(nn.Module):
         if self.restart_after:
             opts.append(f"restart_after={self.restart_after}")
         return ", ".join(opts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training-time state as registered ops (see VectorQuantizer._state_op). `_State` holds the tensors, written in place.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _State(NamedTuple):
+    weight: torch.Tensor  # (K, C) trained embedding (written by EMA and by EMA-mode restarts)
+    restart_offset: torch.Tensor  # (K, C), or (0,) without restarts / in EMA mode
+    ema_cluster_size: torch.Tensor  # (K,) fp32, or (0,)
+    ema_embed_sum: torch.Tensor  # (K, C) fp32, or (0,)
+    step: torch.Tensor  # () int64
+    last_used: torch.Tensor  # (K,) int64
+    last_reset: torch.Tensor  # (K,) int64
+    usage_ema: torch.Tensor  # (K,) fp32
+    restarts: torch.Tensor  # () int64
+
+
+class _Config(NamedTuple):
+    ema: bool
+    ema_decay: float
+    ema_eps: float
+    restart_after: int
+    restart_sampling: str
+    usage_window: int
+
+
+def _code_counts(indices: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) codes in [0, K) -> (K,) int64 counts (bincount's output size depends on the data; this one does not)."""
+    return torch.zeros(k, device=indices.device, dtype=torch.int64).index_add_(0, indices, torch.ones_like(indices))
+
+
+def _update(st: _State, cfg: _Config, x: torch.Tensor, indices: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    k, c = st.weight.shape
+    counts = torch.bincount(indices, minlength=k).float()  # (K,)
+    if cfg.ema:
+        sums = torch.zeros(k, c, device=x.device, dtype=torch.float32)
+        sums.index_add_(0, indices, x.float())  # (K, C)
+        packed = torch.cat([counts, sums.flatten()])
+    else:
+        packed = counts
+    dist.all_reduce_sum_(packed)  # one collective for counts (and EMA sums): every rank updates alike
+    counts = packed[:k]
+    st.step.add_(1)
+    st.last_used.copy_(torch.where(counts > 0, st.step, st.last_used))
+    decay = 1.0 - 1.0 / cfg.usage_window
+    st.usage_ema.mul_(decay).add_(counts / counts.sum().clamp_min(1.0), alpha=1.0 - decay)
+    if cfg.ema:
+        _ema_update(st, cfg, counts, packed[k:].view(k, c))
+    if cfg.restart_after > 0:
+        _restart_dead(st, cfg, x, codes)
+    return counts.clone()
+
+
+def _ema_update(st: _State, cfg: _Config, counts: torch.Tensor, sums: torch.Tensor) -> None:
+    """counts (K,), sums (K, C): global statistics of this step."""
+    decay = cfg.ema_decay
+    st.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+    st.ema_embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+    n = st.ema_cluster_size.sum()
+    k = st.weight.shape[0]
+    smoothed = (st.ema_cluster_size + cfg.ema_eps) / (n + k * cfg.ema_eps) * n  # Laplace smoothing
+    st.weight.copy_(st.ema_embed_sum / smoothed[:, None])
+
+
+def _restart_dead(st: _State, cfg: _Config, x: torch.Tensor, codes: torch.Tensor) -> None:
+    """Re-seed codes unused for restart_after steps from the rows of x (N, C) (codes (N, C): their nearest codes);
+    identical on every rank."""
+    since = st.step - torch.maximum(st.last_used, st.last_reset)  # (K,) steps without use
+    dead = torch.nonzero(since >= cfg.restart_after).flatten()  # same on all ranks (global counts)
+    if dead.numel() == 0:
+        return
+    weight = None
+    if cfg.restart_sampling == "error":
+        weight = (x.float() - codes.float()).pow(2).sum(1)  # (N,) squared quantization error
+    _reseed(st, cfg, dead, x, weight)
+    st.restarts.add_(dead.numel())
+
+
+def _reseed(st: _State, cfg: _Config, dead: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    """Set codes `dead` (n_dead,) to rows of x (N, C), rank 0's draw on every rank: distinct rows drawn uniformly, or
+    with probability ~ weight (N,) (k-means++'s D^2 seeding when weight is the squared quantization error: the
+    latents the codebook represents worst get the freed codes)."""
+    n_dead, n = dead.numel(), x.shape[0]
+    # every rank draws (keeps RNG streams aligned), rank 0's draw is broadcast
+    if n_dead <= n:
+        if weight is None:
+            pick = torch.randperm(n, device=x.device)[:n_dead]
+        else:  # weighted draw without replacement (Efraimidis-Spirakis: top n_dead of weight / Exp(1))
+            keys = (weight.float() + 1e-12) / torch.empty(n, device=x.device).exponential_()
+            pick = keys.topk(n_dead).indices
+        new = x[pick].float()  # (n_dead, C)
+    else:
+        pick = torch.randint(n, (n_dead,), device=x.device)
+        new = x[pick].float()
+        new = new + 0.01 * x.float().std() * torch.randn_like(new)  # split duplicates
+    dist.broadcast_(new, src=0)
+    if cfg.ema:
+        st.weight[dead] = new.to(st.weight.dtype)
+        st.ema_cluster_size[dead] = 1.0
+        st.ema_embed_sum[dead] = new
+    else:
+        w = st.weight
+        st.restart_offset[dead] = (new - w[dead].float()).to(st.restart_offset.dtype)
+    st.last_reset[dead] = st.step
+
+
+def _state_impl(
+    phase: str, x: torch.Tensor, indices: torch.Tensor, codes: torch.Tensor,
+    weight: torch.Tensor, restart_offset: torch.Tensor, ema_cluster_size: torch.Tensor, ema_embed_sum: torch.Tensor,
+    step: torch.Tensor, last_used: torch.Tensor, last_reset: torch.Tensor, usage_ema: torch.Tensor,
+    restarts: torch.Tensor, ema: bool, ema_decay: float, ema_eps: float, restart_after: int, restart_sampling: str,
+    usage_window: int,
+) -> torch.Tensor:  # fmt: skip
+    st = _State(weight, restart_offset, ema_cluster_size, ema_embed_sum, step, last_used, last_reset, usage_ema,
+                restarts)  # fmt: skip
+    cfg = _Config(ema, ema_decay, ema_eps, restart_after, restart_sampling, usage_window)
+    if phase == "init":
+        if int(step) == 0:
+            _reseed(st, cfg, torch.arange(weight.shape[0], device=x.device), x)
+        return x.new_empty(0)
+    return _update(st, cfg, x, indices, codes)
+
+
+def _state_fake(
+    phase: str, x: torch.Tensor, indices: torch.Tensor, codes: torch.Tensor,
+    weight: torch.Tensor, restart_offset: torch.Tensor, ema_cluster_size: torch.Tensor, ema_embed_sum: torch.Tensor,
+    step: torch.Tensor, last_used: torch.Tensor, last_reset: torch.Tensor, usage_ema: torch.Tensor,
+    restarts: torch.Tensor, ema: bool, ema_decay: float, ema_eps: float, restart_after: int, restart_sampling: str,
+    usage_window: int,
+) -> torch.Tensor:  # fmt: skip
+    return x.new_empty(0 if phase == "init" else weight.shape[0], dtype=torch.float32)
+
+
+_STATS = ("step", "last_used", "last_reset", "usage_ema", "restarts")
+# gradient mode: the weight is only read (restarts go to restart_offset); EMA mode writes the weight and its sums
+quantizer_state_grad_op = define_op("quantizer_state_grad", _state_impl, _state_fake,
+                                    mutates_args=("restart_offset", *_STATS))  # fmt: skip
+quantizer_state_ema_op = define_op("quantizer_state_ema", _state_impl, _state_fake,
+                                   mutates_args=("weight", "ema_cluster_size", "ema_embed_sum", *_STATS))  # fmt: skip

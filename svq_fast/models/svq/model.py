@@ -13,6 +13,7 @@ from torch import nn
 
 from svq_fast import dist
 from svq_fast.config import QuantizerConfig, SVQModelConfig
+from svq_fast.kernels._library import define_op
 from svq_fast.nn.quantizer import VectorQuantizer
 from svq_fast.nn.semantic_input import SemanticConv
 from svq_fast.nn.semantic_patch import SemanticPatchEmbed
@@ -186,10 +187,8 @@ class SVQModel(nn.Module):
         p = self.cfg.latent_swap
         if not (self.training and p > 0 and self.has_semantic and z_x.shape[0] > 1):
             return z_x
-        gen = torch.Generator().manual_seed(int(self.latent_swap_draws) * 1_000_003 + dist.rank())
-        self.latent_swap_draws += 1
-        swap = (torch.rand(z_x.shape[0], generator=gen) < p).to(z_x.device).view(-1, 1, 1, 1)
-        return torch.where(swap, z_x.roll(1, 0), z_x)
+        swap = latent_swap_mask_op(self.latent_swap_draws, z_x.shape[0], float(p))  # (B,) bool, CPU
+        return torch.where(swap.to(z_x.device).view(-1, 1, 1, 1), z_x.roll(1, 0), z_x)
 
     def decode_semantic(self, z_s: torch.Tensor) -> torch.Tensor:
         return self.decoder_s(self.post_quant_s(z_s))  # (B, num_classes, H, W) logits
@@ -240,3 +239,19 @@ class SVQModel(nn.Module):
 
     def image_last_layer(self) -> nn.Conv2d:
         return self.decoder_x.conv_out
+
+
+def _latent_swap_mask(draws: torch.Tensor, batch: int, p: float) -> torch.Tensor:
+    """(B,) bool on the CPU: which samples decode with the previous sample's z_x. Drawn from a generator of its own,
+    seeded by the checkpointed counter `draws` (incremented here) and the rank; a registered op so that the host read
+    of the counter and the generator stay out of a compiled graph's trace."""
+    gen = torch.Generator().manual_seed(int(draws) * 1_000_003 + dist.rank())
+    draws += 1
+    return torch.rand(batch, generator=gen) < p
+
+
+def _latent_swap_mask_fake(draws: torch.Tensor, batch: int, p: float) -> torch.Tensor:
+    return torch.empty(batch, dtype=torch.bool, device="cpu")
+
+
+latent_swap_mask_op = define_op("latent_swap_mask", _latent_swap_mask, _latent_swap_mask_fake, mutates_args=("draws",))
