@@ -89,9 +89,6 @@ class SVQModelConfig:
     # Run the conv nets (generator and discriminator) in the channels-last memory format: every Conv2d input is
     # made NHWC (train/engine.py); parameters and checkpoints keep the default layout.
     channels_last: bool = False
-    # Run the conv nets (generator and discriminator) in the channels-last memory format: every Conv2d input is
-    # made NHWC (train/engine.py); parameters and checkpoints keep the default layout.
-    channels_last: bool = False
 
     @property
     def downsampling(self) -> int:
@@ -211,10 +208,6 @@ class RunConfig:
     resume: str = ""  # "" | "auto" | a checkpoint tag directory
     max_seconds: float = 0.0  # stop (with a checkpoint, no export) after this much training time; 0 = off
     max_nonfinite_skips: int = 20  # consecutive non-finite losses tolerated before the run stops
-    # torch.compile every trained module (fullgraph: a graph break is an error). A compile failure prints one
-    # warning naming the cause and that module runs eagerly (train/engine.py). Not with zero.stage=3.
-    compile: bool = False
-    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager: trace only (tests)
     # torch.compile every trained module (fullgraph: a graph break is an error). A compile failure prints one
     # warning naming the cause and that module runs eagerly (train/engine.py). Not with zero.stage=3.
     compile: bool = False
@@ -452,11 +445,6 @@ def validate(cfg: Any) -> None:
         raise ConfigError(
             "data.stream_retries and data.stream_backoff must be >= 0 and data.stream_timeout > 0 (got "
             f"{d.stream_retries}, {d.stream_backoff}, {d.stream_timeout})"
-        )
-    if cfg.run.compile and cfg.zero.stage == 3:
-        raise ConfigError(
-            "run.compile=true with zero.stage=3: ZeRO-3 gathers and releases parameters in module hooks around every "
-            "forward, which this compile path does not trace; use zero.stage <= 2 or run.compile=false"
         )
     opt = cfg.optim
     if opt.micro_batch < 1 or opt.grad_accum < 1:
