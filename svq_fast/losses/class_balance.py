@@ -23,20 +23,3 @@ def balanced_class_weights(counts: torch.Tensor, power: float) -> torch.Tensor:
     weights = torch.zeros_like(freq)
     weights[present] = freq[present].pow(-power)
     return (weights / (freq * weights).sum()).float()
-
-
-def __getattr__(name: str):
-    # Transitional: class_pixel_counts moved to svq_fast.data.index (losses take tensors, data reads indexes).
-    # Remove once no caller imports it from here (tests/recipes/test_launch.py still does).
-    if name == "class_pixel_counts":
-        import warnings
-
-        from svq_fast.data.index import class_pixel_counts
-
-        warnings.warn(
-            "svq_fast.losses.class_balance.class_pixel_counts moved to svq_fast.data.index.class_pixel_counts",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return class_pixel_counts
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

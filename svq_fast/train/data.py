@@ -9,6 +9,7 @@ import shutil
 from svq_fast import dist
 from svq_fast.config import DataConfig
 from svq_fast.data.loader import list_shards, make_loader
+from svq_fast.data.reader import FaultPolicy
 from svq_fast.data.synthetic import SYNTHETIC_VERSION
 
 
@@ -60,6 +61,10 @@ class _RankSlice:
         for batch in self.loader:
             yield {k: v[lo:hi] for k, v in batch.items()}
 
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.loader.stats
+
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
@@ -67,32 +72,21 @@ class _RankSlice:
         self.loader.load_state_dict(state)
 
 
-def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, shards: list[str] | None = None):
-    """Endless loader of this rank's micro-batches; `shards` = already resolved training shards (else resolved here)."""
+def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, shards: list[str] | None = None,
+                 log_dir: str | None = None):  # fmt: skip
+    """Endless loader of this rank's micro-batches; `shards` = already resolved training shards (else resolved
+    here); streamed shards are retried as cfg.stream_* say, and the data fault counters go to TensorBoard under
+    `log_dir` (None: the run log only)."""
     shards = shards if shards is not None else shards_or_synthetic(cfg, "train", rank)
-    if cfg.global_stream:
-        loader = make_loader(
-            shards,
-            batch_size=micro_batch * world_size,
-            image_size=cfg.image_size,
-            rank=0,
-            world_size=1,
-            seed=cfg.seed,
-            num_workers=cfg.num_workers,
-            resampled=True,
-            flip=cfg.random_flip,
-            shuffle_buffer=cfg.shuffle_buffer,
-        )
+    common = dict(image_size=cfg.image_size, seed=cfg.seed, num_workers=cfg.num_workers, resampled=True,
+                  flip=cfg.random_flip, shuffle_buffer=cfg.shuffle_buffer, faults=FaultPolicy.of(cfg),
+                  log_dir=log_dir)  # fmt: skip
+    if cfg.global_stream:  # one global stream of micro_batch * world samples; each rank keeps its rows
+        loader = make_loader(shards, batch_size=micro_batch * world_size, rank=0, world_size=1, **common)
         return _RankSlice(loader, rank, micro_batch)
-    return make_loader(
-        shards,
-        batch_size=micro_batch,
-        image_size=cfg.image_size,
-        rank=rank,
-        world_size=world_size,
-        seed=cfg.seed,
-        num_workers=cfg.num_workers,
-        resampled=True,
-        flip=cfg.random_flip,
-        shuffle_buffer=cfg.shuffle_buffer,
-    )
+    return make_loader(shards, batch_size=micro_batch, rank=rank, world_size=world_size, **common)
+
+
+def tensorboard_dir(cfg) -> str | None:
+    """The run's TensorBoard folder (where RunLogger writes too), or None with log.tensorboard off."""
+    return os.path.join(cfg.run.out_dir, "tb") if cfg.log.tensorboard else None

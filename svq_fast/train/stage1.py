@@ -28,7 +28,7 @@ from svq_fast.losses.perceptual import build_perceptual
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
-from svq_fast.train.data import shards_or_synthetic, train_loader
+from svq_fast.train.data import shards_or_synthetic, tensorboard_dir, train_loader
 from svq_fast.train.engine import autocast_dtype, build_engine, device
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops
@@ -282,7 +282,7 @@ def train_stage1(cfg: Stage1Config, after_step=()) -> dict:
         d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers, lecam=lecam)
         engines["discriminator"] = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)[0]
     heldout = heldout_batch(cfg) if "discriminator" in engines else None
-    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, shards)
+    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, shards, log_dir=tensorboard_dir(cfg))
     stage = Stage1(cfg, engines, loader, dev, perceptual=None if perceptual is None else perceptual.to(dev),
                    class_weight=class_weight, heldout=heldout)  # fmt: skip
     stage.flops_per_sample = stage1_flops_per_sample(cfg, dev)

@@ -17,7 +17,7 @@ from svq_fast.export import load_tokenizer
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.tokenizer import Tokenizer
 from svq_fast.train import loop
-from svq_fast.train.data import train_loader
+from svq_fast.train.data import tensorboard_dir, train_loader
 from svq_fast.train.engine import build_engine, device
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops
@@ -66,7 +66,7 @@ def train_stage2(cfg: Stage2Config, after_step=()) -> dict:
     if cfg.data.token_shards:
         loader = token_train_loader(cfg, rank, world)
     else:
-        loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world)
+        loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, log_dir=tensorboard_dir(cfg))
     stage = Stage2(cfg, gpt, loader, dev, tokenizer)
     stage.flops_per_sample = gpt_flops_per_sample(cfg, dev)
     return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir, after_step=after_step)

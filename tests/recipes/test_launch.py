@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from svq_fast.data.index import class_pixel_counts
 from svq_fast.export import load_gpt, load_stage1
-from svq_fast.losses.class_balance import balanced_class_weights, class_pixel_counts
+from svq_fast.losses.class_balance import balanced_class_weights
 from svq_fast.train.data import shards_or_synthetic
 
 ROOT = Path(__file__).resolve().parents[2]
