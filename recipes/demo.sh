@@ -25,12 +25,13 @@ shards=(--data.train_shards="$DATA/64px/train" --data.val_shards="$DATA/64px/val
 
 start=$SECONDS
 deepspeed --num_gpus "$NPROC" recipes/train_svqgan.py --config svqgan_tiny \
-  "${shards[@]}" --optim.max_steps="$STAGE1_STEPS" --run.out_dir="$DEMO_DIR/stage1" --log.image_every=100
+  "${shards[@]}" --optim.max_steps="$STAGE1_STEPS" --run.out_dir="$DEMO_DIR/stage1" --log.image_every=100 \
+  --run.overwrite=true
 T[stage1]=$((SECONDS - start))
 
 start=$SECONDS
 deepspeed --num_gpus "$NPROC" recipes/train_transformer.py --config gpt_tiny \
-  "${shards[@]}" --optim.max_steps="$STAGE2_STEPS" --run.out_dir="$DEMO_DIR/stage2" \
+  "${shards[@]}" --optim.max_steps="$STAGE2_STEPS" --run.out_dir="$DEMO_DIR/stage2" --run.overwrite=true \
   --stage1="$DEMO_DIR/stage1/export"
 T[stage2]=$((SECONDS - start))
 

@@ -88,38 +88,37 @@ def run(
     batches = _forever(stage.loader)
     t_start = time.perf_counter()
     step, stop_reason = start, "max_steps"
-    with _Preemption() as preempt, profiler(cfg.log.profile, run_dir) as prof:
-        while step < opt.max_steps:
-            with stage.timer.sampled((step + 1) % cfg.log.every == 0):  # one timed step per logging window
-                step_logs = train_step(stage, batches, step, opt.grad_accum, guard, window)
-            window.add(step_logs)
-            step += 1
-            if prof is not None:
-                prof.step()
-            log.advance(window.means(stage.progress_keys))
-            over_time = cfg.run.max_seconds > 0 and time.perf_counter() - t_start > cfg.run.max_seconds
-            stop = dist.any_rank(preempt.requested or over_time, dev)  # every rank stops at the same step
-            last = step == opt.max_steps or stop
-            if step % cfg.log.every == 0 or last:
-                history.append(log_window(step, stage, window, log, guard))
-            if last:
-                if stop:
-                    stop_reason = "preempted" if preempt.requested else "max_seconds"
-                break
-            if cfg.run.save_every and step % cfg.run.save_every == 0:
-                checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank, run_id)
-            for callback in after_step:
-                callback(step)
-    log.close()
-    if not (resumed and step == start):  # a resume that took no step: its checkpoint already holds this state
-        checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank, run_id)
-    if stop_reason == "max_steps":
-        export(cfg, stage, rank, run_dir)
-    elif rank == 0:
-        print(
-            f"[{stage.name}] stopped at step {step} ({stop_reason}); checkpoint saved, resume with --run.resume=auto",
-            flush=True,
-        )
+    with _Preemption() as preempt:  # held through the final checkpoint: a late SIGTERM must not cut it short
+        with profiler(cfg.log.profile, run_dir) as prof:
+            while step < opt.max_steps:
+                with stage.timer.sampled((step + 1) % cfg.log.every == 0):  # one timed step per logging window
+                    step_logs = train_step(stage, batches, step, opt.grad_accum, guard, window)
+                window.add(step_logs)
+                step += 1
+                if prof is not None:
+                    prof.step()
+                log.advance(window.means(stage.progress_keys))
+                over_time = cfg.run.max_seconds > 0 and time.perf_counter() - t_start > cfg.run.max_seconds
+                stop = dist.any_rank(preempt.requested or over_time, dev)  # every rank stops at the same step
+                last = step == opt.max_steps or stop
+                if step % cfg.log.every == 0 or last:
+                    history.append(log_window(step, stage, window, log, guard))
+                if last:
+                    if stop:
+                        stop_reason = "preempted" if preempt.requested else "max_seconds"
+                    break
+                if cfg.run.save_every and step % cfg.run.save_every == 0:
+                    checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank, run_id)
+                for callback in after_step:
+                    callback(step)
+        log.close()
+        if not (resumed and step == start):  # a resume that took no step: its checkpoint already holds this state
+            checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank, run_id)
+        if stop_reason == "max_steps":
+            export(cfg, stage, rank, run_dir)
+        elif rank == 0:
+            print(f"[{stage.name}] stopped at step {step} ({stop_reason}); checkpoint saved, resume with "
+                  "--run.resume=auto", flush=True)  # fmt: skip
     dist.barrier()
     release_lock(run_dir)  # taken by run_dir.prepare_run (rank 0); a no-op where not held
     return {

@@ -1,9 +1,10 @@
 """What a cluster does to a 2-rank stage-1 job under the real `deepspeed` launcher, one launch per event:
 
 - SIGTERM to the launcher's PID alone (a supervisor stopping the job): the ranks notice the launcher is gone,
-  checkpoint, exit, and leave no orphan; --run.resume=auto continues the same run (same run id) to its export,
-  which records its weights' sha256. (The refusal of a fresh start over those checkpoints is tested in-process
-  in test_reliability.py: through the launcher it is the same SystemExit(2), and deepspeed passes the status on.)
+  checkpoint (its manifest verifies against the real DeepSpeed files, and a flipped byte in an optimizer file is
+  named), exit, and leave no orphan. Resuming is test_resume.py's; the refusal of a fresh start over checkpoints
+  is tested in-process in test_reliability.py (through the launcher it is the same SystemExit(2), which deepspeed
+  passes on: measured once, see benchmarks/results/reliability_cpu.md).
 - SIGTERM to the whole process group with data.num_workers=2 (SLURM preemption, scancel): the DataLoader workers
   ignore it, every rank checkpoints and exits 0.
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from svq_fast.train.checkpoint import verify_files
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -115,15 +118,14 @@ def test_sigterm_to_the_launcher_alone_checkpoints_and_leaves_no_orphans(tmp):
     assert not (out / "export").exists() and not (out / "LOCK").exists()
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
-    # resuming continues the same run to its export
-    done = _run(tmp, "resume", _args(data, out, f"--optim.max_steps={stopped + 2}", "--run.resume=auto"))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert f"resumed from {out / 'checkpoints' / tags[-1]} at step {stopped}" in done.stdout
-    final = json.loads((out / "checkpoints" / f"step{stopped + 2:08d}" / "COMPLETE").read_text())
-    assert final["run_id"] == manifest["run_id"]
-    assert len(json.loads((out / "export" / "config.json").read_text())["weights_sha256"]) == 64
-    hist = json.loads((out / "history.json").read_text())
-    assert [h["step"] for h in hist] == list(range(1, stopped + 3))
+    # the real DeepSpeed files verify against the manifest; one flipped byte in an optimizer partition is named
+    tag = out / "checkpoints" / tags[-1]
+    assert verify_files(str(tag)) == []
+    optim = next(tag.glob("generator/*optim_states.pt"))
+    raw = bytearray(optim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    optim.write_bytes(bytes(raw))
+    assert verify_files(str(tag)) == [f"{optim} does not match its sha256 in the manifest (damaged)"]
 
 
 def test_groupwide_sigterm_with_loader_workers_checkpoints(tmp):
