@@ -11,6 +11,21 @@ Each measurement is one in-process training run (single rank, DeepSpeed engine) 
 the first `--warmup` steps are excluded. With --repeats N the variants run interleaved N times and the summary takes
 medians. TensorBoard's cost is shown two ways: throughput with logging on vs off, and the share of step time the
 run itself measured inside the writer calls (time/tensorboard_fraction). --out gets JSON {runs, summary}.
+
+The step's speed table (issue 20), every row a fresh process (so peak RSS, compile time and the random stream are each
+run's own) launched on --ranks CPU ranks, variants interleaved repeat by repeat, ratios to eager fp32:
+
+    flock /tmp/svq_timing.lock python benchmarks/bench_train.py --table --ranks 2 --repeats 2
+
+    eager_fp32     today's default (DeepSpeed engine, fused ops, fp32)
+    compiled_fp32  --run.compile=true (inductor; fullgraph)
+    eager_bf16     --zero.precision=bf16 (torch autocast over fp32 weights; VQ search and losses fp32)
+    compiled_bf16  both
+    channels_last  --model.channels_last=true (stage 1 only: the conv nets)
+    plain_fp32     benchmarks/bench_train_eager.py: the same architecture in plain eager torch, no fused ops, no
+                   DeepSpeed, one process (its threads = the ranks' cores)
+Columns: samples/s (median, min-max), ratio to eager_fp32, peak RSS (MiB, rank 0), compile time (the first steps'
+time over the steady step time: 0 for eager; repeat 0 compiles cold, later repeats hit inductor's on-disk cache).
 """
 
 from __future__ import annotations
@@ -33,13 +48,31 @@ from svq_fast.train.stage2 import gpt_flops_per_sample, train_stage2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+TABLE_VARIANTS = "eager_fp32,compiled_fp32,eager_bf16,compiled_bf16,channels_last,plain_fp32"
+_OPTIONS = {
+    "eager_fp32": ["--zero.precision=fp32"],
+    "compiled_fp32": ["--zero.precision=fp32", "--run.compile=true"],
+    "eager_bf16": ["--zero.precision=bf16"],
+    "compiled_bf16": ["--zero.precision=bf16", "--run.compile=true"],
+    "channels_last": ["--zero.precision=fp32", "--model.channels_last=true"],
+}
+
+
 def _variant_overrides(recipe: str, variant: str) -> list[str]:
     if variant == "ref":
         key = "--quantizer.backend=ref" if recipe == "stage1" else "--model.attn_backend=ref"
         return [key]
     if variant == "no_tensorboard":
         return ["--log.tensorboard=false"]
-    return []
+    return list(_OPTIONS.get(variant, []))
+
+
+def _compile_seconds(hist: list[dict], micro_batch: int, world: int, warmup: int) -> float:
+    """Time of the first `warmup` steps beyond `warmup` steady steps (median of the rest): what compiling cost."""
+    t = [micro_batch * world / h["throughput/samples_per_s"] for h in hist]
+    if len(t) <= warmup:
+        return float("nan")
+    return max(0.0, sum(t[:warmup]) - warmup * statistics.median(t[warmup:]))
 
 
 def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | None) -> dict:
@@ -61,16 +94,24 @@ def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | 
         f"--zero.precision={args.precision}",
         f"--optim.micro_batch={args.micro_batch}",
         "--run.keep_last=1",
+        "--run.overwrite=true",  # repeats reuse the run directory
     ]
     if recipe == "stage1":
         # the full GAN step; no LPIPS: the benchmark machines hold no VGG-16 weights (asking for them is an error)
         overrides += ["--loss.disc_start=0", "--loss.perceptual_weight=0"]
     else:
         overrides.append(f"--stage1={stage1_export}")
-    cfg = apply_overrides(cfg, overrides + _variant_overrides(recipe, variant))
+    extra = _variant_overrides(recipe, variant)
+    if "--run.compile=true" in extra:
+        extra.append(f"--run.compile_backend={getattr(args, 'compile_backend', 'inductor')}")
+    cfg = apply_overrides(cfg, overrides + extra)
     t0 = time.perf_counter()
     result = (train_stage1 if recipe == "stage1" else train_stage2)(cfg)
     wall = time.perf_counter() - t0
+    from svq_fast import dist
+
+    world = dist.world_size()
+    compile_s = _compile_seconds(result["history"], args.micro_batch, world, args.warmup) if cfg.run.compile else 0.0
     hist = result["history"][args.warmup :]
     if not hist:
         raise RuntimeError(f"{recipe}/{variant}: fewer than {args.warmup + 1} steps ran in {args.seconds}s")
@@ -88,7 +129,11 @@ def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | 
         "config": name,
         "variant": variant,
         "device": args.device,
-        "precision": args.precision,
+        "precision": cfg.zero.precision,
+        "compiled": cfg.run.compile,
+        "channels_last": getattr(cfg.model, "channels_last", False),
+        "ranks": world,
+        "compile_s": compile_s,
         "steps": len(hist),
         "samples_per_s": sps,
         "steps_per_s": sps / args.micro_batch,
@@ -143,10 +188,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="")
     p.add_argument("--jsonl", default=None, help="append each run's row to this .jsonl file as it finishes")
     p.add_argument("--smoke", action="store_true", help="tiny configs, 3 steps, CPU (CI: arguments and plumbing)")
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help=f"the step's speed table: each run a fresh process on --ranks ranks; variants {TABLE_VARIANTS}",
+    )
+    p.add_argument("--ranks", type=int, default=1, help="--table: DeepSpeed ranks per run (CPU: gloo)")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    p.add_argument("--one", nargs=3, metavar=("RECIPE", "VARIANT", "WORKDIR"), help=argparse.SUPPRESS)
+    p.add_argument("--row-out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--stage1-export", default="", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
     if args.smoke:
         args.paper, args.steps, args.warmup, args.seconds, args.micro_batch = False, 3, 1, 0.0, 2
-        args.samples, args.precision, args.variants = 16, "fp32", "fused"
+        args.samples, args.precision = 16, "fp32"
+        args.variants = "eager_fp32,compiled_fp32,plain_fp32" if args.table else "fused"
+        args.compile_backend = "aot_eager"
+    if args.one:
+        return _one(args)
+    if args.table:
+        if args.variants == p.get_default("variants"):
+            args.variants = TABLE_VARIANTS
+        return table(args)
     from bench_common import JsonlWriter
     from bench_train_eager import gemm_peak_tflops
 
@@ -202,6 +266,145 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump({"runs": rows, "summary": summary}, f, indent=1)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------- the table
+
+
+def _one(args) -> int:
+    """Child of --table: one measurement in this (fresh) process; rank 0 writes its row as JSON to --row-out."""
+    from svq_fast import dist
+
+    recipe, variant, work = args.one
+    if args.device == "cpu":
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    row = measure(recipe, variant, args, work, args.stage1_export or None)
+    row["peak_rss_mib"] = _peak_rss_mib()
+    if dist.rank() == 0:
+        with open(args.row_out, "w") as f:
+            json.dump(row, f)
+    return 0
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _common_args(args) -> list[str]:
+    out = [f"--device={args.device}", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seconds={args.seconds}",
+           f"--micro-batch={args.micro_batch}", f"--samples={args.samples}",
+           f"--compile-backend={args.compile_backend}"]  # fmt: skip
+    return out + (["--paper"] if args.paper else [])
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_child(cmd: list[str], what: str) -> None:
+    import subprocess
+
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
+
+
+def _measure_isolated(recipe: str, variant: str, args, work: str, stage1_export: str | None, idx: int) -> dict:
+    here = os.path.abspath(__file__)
+    row_out = os.path.join(work, f"row{idx}.json")
+    if variant.startswith("plain"):
+        precision = variant.split("_", 1)[1]
+        cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train_eager.py"), f"--recipes={recipe}",
+               f"--precision={precision}", f"--device={args.device}", f"--steps={max(1, args.steps - args.warmup)}",
+               f"--warmup={args.warmup}", f"--seconds={args.seconds}", f"--micro-batch={args.micro_batch * args.ranks}",
+               f"--row-out={row_out}"] + (["--paper"] if args.paper else [])  # fmt: skip
+        _run_child(cmd, f"{recipe}/{variant}")
+        with open(row_out) as f:
+            row = json.load(f)
+        row.update(variant=variant, compile_s=0.0, ranks=1, compiled=False, channels_last=False)
+        return row
+    one = ["--one", recipe, variant, work, f"--row-out={row_out}", *_common_args(args)]
+    if stage1_export:
+        one.append(f"--stage1-export={stage1_export}")
+    if args.ranks > 1:
+        deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        cmd = [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(_port()), here, *one]
+    else:
+        cmd = [sys.executable, here, *one]
+    _run_child(cmd, f"{recipe}/{variant}")
+    with open(row_out) as f:
+        return json.load(f)
+
+
+def table(args) -> int:
+    """Interleaved repeats of every (recipe, variant), each in a fresh process; prints the table with ratios to
+    eager_fp32 of the same recipe; --out / --jsonl get the rows and the summary."""
+    from bench_common import JsonlWriter
+
+    jsonl = JsonlWriter(args.jsonl, "train_table")
+    rows: list[dict] = []
+    variants = args.variants.split(",")
+    with tempfile.TemporaryDirectory() as work:
+        stage1_export = None
+        for recipe in args.recipes.split(","):
+            for repeat in range(args.repeats):
+                for variant in variants:
+                    if variant == "channels_last" and recipe != "stage1":
+                        continue  # the GPT has no convolutions
+                    t0 = time.perf_counter()
+                    row = _measure_isolated(recipe, variant, args, work, stage1_export, len(rows))
+                    row.update(repeat=repeat, process_s=time.perf_counter() - t0)
+                    rows.append(row)
+                    jsonl.write({k: v for k, v in row.items() if k != "export"})
+                    if recipe == "stage1" and stage1_export is None and not variant.startswith("plain"):
+                        stage1_export = row["export"]
+                    print(f"{recipe:7s} {variant:14s} #{repeat} {row['samples_per_s']:8.2f} samples/s  "
+                          f"compile {row.get('compile_s', 0.0):6.1f} s  "
+                          f"peak RSS {row.get('peak_rss_mib', 0):6.0f} MiB  "
+                          f"({row['process_s']:.0f} s)", flush=True)  # fmt: skip
+            if recipe == "stage1" and stage1_export is None and "stage2" in args.recipes:
+                raise SystemExit("stage2 needs a stage1 stack variant first (it exports the tokenizer)")
+    summary = summarize_table(rows)
+    print_table(summary, args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"runs": rows, "summary": summary}, f, indent=1)
+    return 0
+
+
+def summarize_table(rows: list[dict]) -> list[dict]:
+    out = []
+    for key in dict.fromkeys((r["recipe"], r["variant"]) for r in rows):
+        runs = [r for r in rows if (r["recipe"], r["variant"]) == key]
+        sps = [r["samples_per_s"] for r in runs]
+        comp = [r.get("compile_s", 0.0) for r in runs]
+        out.append({
+            "recipe": key[0], "variant": key[1], "repeats": len(runs), "samples_per_s": statistics.median(sps),
+            "samples_per_s_min": min(sps), "samples_per_s_max": max(sps),
+            "peak_rss_mib": statistics.median(r.get("peak_rss_mib", float("nan")) for r in runs),
+            "compile_s_first": comp[0], "compile_s_later": statistics.median(comp[1:]) if len(comp) > 1 else comp[0],
+        })  # fmt: skip
+    for row in out:
+        base = next((r for r in out if r["recipe"] == row["recipe"] and r["variant"] == "eager_fp32"), None)
+        row["vs_eager_fp32"] = row["samples_per_s"] / base["samples_per_s"] if base else float("nan")
+    return out
+
+
+def print_table(summary: list[dict], args) -> None:
+    print(f"\nstep speed, {args.device}, {args.ranks} rank(s) x micro-batch {args.micro_batch}, "
+          f"{args.steps} steps ({args.warmup} warm-up), medians of {args.repeats} interleaved repeats")  # fmt: skip
+    print(f"{'recipe':8s}{'variant':15s}{'samples/s':>10s}{'min-max':>16s}{'vs eager_fp32':>15s}{'peak RSS MiB':>14s}"
+          f"{'compile s (cold/warm)':>24s}")  # fmt: skip
+    for r in summary:
+        print(f"{r['recipe']:8s}{r['variant']:15s}{r['samples_per_s']:10.2f}{r['samples_per_s_min']:8.2f}-"
+              f"{r['samples_per_s_max']:<7.2f}{r['vs_eager_fp32']:15.3f}{r['peak_rss_mib']:14.0f}"
+              f"{r['compile_s_first']:15.1f} / {r['compile_s_later']:6.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

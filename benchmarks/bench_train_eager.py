@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -31,6 +32,13 @@ from svq_fast.named_configs import get_config
 from svq_fast.nn.semantic_input import SemanticConv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (a bench_train.py --table row runs in a fresh process)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gemm_peak_tflops(device: str, n: int = 8192) -> float:
@@ -146,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--smoke", action="store_true", help="tiny configs, 2 steps, CPU (CI)")
     p.add_argument("--jsonl", default=None)
+    p.add_argument("--row-out", default="", help="write the (last) row as JSON here (bench_train.py --table)")
     args = p.parse_args(argv)
     if args.smoke:
         args.paper, args.micro_batch, args.steps, args.warmup, args.seconds = False, 2, 2, 1, 0.0
@@ -155,8 +164,11 @@ def main(argv=None) -> int:
     out = JsonlWriter(args.jsonl, "train")
     for recipe in args.recipes.split(","):
         row = {"stage1": stage1, "stage2": stage2}[recipe](args, peak)
-        row.update(device=args.device, precision=args.precision, gemm_peak_tflops=peak)
+        row.update(device=args.device, precision=args.precision, gemm_peak_tflops=peak, peak_rss_mib=_peak_rss_mib())
         out.write(row)
+        if args.row_out:
+            with open(args.row_out, "w") as f:
+                json.dump(row, f)
         rate = f"{row['images_per_s']:.2f} images/s" if recipe == "stage1" else f"{row['tokens_per_s']:.0f} tokens/s"
         print(f"{recipe} eager: {rate}, MFU {row['mfu']:.3f} ({row['steps']} steps)", flush=True)
     return 0
