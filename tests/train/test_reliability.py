@@ -274,6 +274,58 @@ except ckpt.CheckpointError as e:
     assert tags(tmp_path) == ["step00000001"] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_save_cut_off_mid_write_is_never_taken_for_a_checkpoint(tmp_path):
+    class Dies(Exception):
+        pass
+
+    class CutOff(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, client_state):
+            super().save_checkpoint(save_dir, tag, client_state)
+            if self.steps == 3:
+                raise Dies  # stands in for a SIGKILL in the middle of DeepSpeed's writes
+
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(Dies):
+        loop.run(cfg, FakeStage(CutOff()), rank=0, world=1, dev=CPU, run_dir=str(tmp_path))
+    assert tags(tmp_path) == ["step00000001", "step00000002"]  # the half-written step 3 is under .tmp-* only
+    assert len(list((tmp_path / "checkpoints").glob(".tmp-step00000003-*"))) == 1
+    out, engine = train(tmp_path, resume="auto", prepare=False)
+    assert engine.loaded_from == [str(tmp_path / "checkpoints" / "step00000002")] and out["step"] == 4
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the next save of step 3 replaced the leftover
+
+
+def test_a_late_sigterm_during_the_final_checkpoint_does_not_kill_it(tmp_path):
+    """Two ranks' launcher watchers fire a moment apart: the second SIGTERM lands in the final checkpoint."""
+
+    class Late(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, client_state):
+            if self.steps == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            super().save_checkpoint(save_dir, tag, client_state)
+
+    cfg = make_cfg(tmp_path, save_every=0)
+    out = loop.run(cfg, FakeStage(Late()), rank=0, world=1, dev=CPU, run_dir=str(tmp_path))
+    assert out["stop_reason"] == "max_steps" and tags(tmp_path) == ["step00000004"]
+    assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('PAYLOAD_FLAG', '/nonexistent/x')}",))
+
+
+def test_a_planted_pickle_in_an_older_rng_file_does_not_run(tmp_path, monkeypatch):
+    flag = tmp_path / "payload_ran"
+    monkeypatch.setenv("PAYLOAD_FLAG", str(flag))
+    tag = tmp_path / "checkpoints" / "step00000001"
+    FakeEngine().save_checkpoint(str(tag), "gpt", {"step": 1})
+    (tag / "COMPLETE").write_text(json.dumps({"step": 1, "engines": ["gpt"]}))  # an older version's marker
+    torch.save({"python": _Payload()}, tag / "rng_rank0.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"rng_rank0\.pt .*cannot be read with weights_only=True"):
+        ckpt.load_checkpoint(str(tag), {"gpt": FakeEngine()})
+    assert not flag.exists()
+
+
 def test_a_missing_engine_directory_is_named(tmp_path):
     train(tmp_path, max_steps=1)
     tag = tmp_path / "checkpoints" / "step00000001"
@@ -410,6 +462,15 @@ def test_old_exports_load_with_a_warning_and_nonfinite_tensors_warn(stage1_expor
     export_model(sd, cfg, str(tmp_path / "nan"))
     with pytest.warns(UserWarning, match=f"tensors hold NaN or inf: \\['{name}'"):
         load_stage1(str(tmp_path / "nan"))
+
+
+def test_random_bytes_in_an_old_export_are_named(stage1_export):
+    path = stage1_export / "config.json"
+    blob = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in blob.items() if not k.endswith("sha256")}))
+    (stage1_export / "model.safetensors").write_bytes(os.urandom(4096))
+    with pytest.warns(UserWarning), pytest.raises(ExportMismatch, match="not a readable safetensors file"):
+        load_stage1(str(stage1_export))
 
 
 def test_gpt_export_refuses_another_stage1_unless_allowed(stage1_export, tmp_path):
