@@ -106,6 +106,36 @@ def test_compiled_forward_and_backward_match_eager():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8)
 
 
+def test_gpt_static_decode_step_compiles_once_and_matches_eager():
+    """Sampling's fixed-shape decode step (decode_step_at over a StaticKVCache): one graph for every position (the
+    position is a tensor), no graph break, the same logits."""
+    from torch._dynamo.utils import counters
+
+    from svq_fast.models.gpt import StaticKVCache
+
+    gpt, sem, _ = _tiny_gpt()
+    gpt.eval()
+
+    def decode(step_fn):
+        cache = StaticKVCache(len(gpt.blocks), gpt.max_len)
+        with torch.no_grad():
+            logits = gpt.prefill(sem, cache)
+            aligned = gpt.aligned_condition(sem, None)
+            out = []
+            for i in range(4):
+                logits = step_fn(logits.argmax(-1), torch.tensor([cache.length]), cache, aligned[:, i + 1])
+                cache.advance(1)
+                out.append(logits)
+        return torch.stack(out)
+
+    want = decode(gpt.decode_step_at)
+    torch._dynamo.reset()
+    counters.clear()
+    got = decode(torch.compile(gpt.decode_step_at, fullgraph=True, backend="aot_eager", dynamic=False))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.slow
 def test_inductor_discriminator_matches_eager():
     disc = PatchDiscriminator(ch=8, n_layers=2)
