@@ -68,6 +68,7 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
         f"--run.seed={seed}",
         "--log.progress=false",
         f"--data.synthetic_train_samples={args.train_samples}",
+        "--run.resume=auto",  # a run cut off before its export continues from its newest checkpoint
     ]
     for m in STAGE1:
         out = os.path.join(root, m)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from svq_fast import named_configs
 from svq_fast.config import DataConfig, GPTConfig, Stage2Config
 from svq_fast.data.loader import list_shards, make_loader
 from svq_fast.data.make_shards import write_synthetic
@@ -31,7 +32,6 @@ def _load(name):
 
 
 evaluate = _load("evaluate")
-configs = _load("configs")
 train_segmenter = _load("train_segmenter")
 
 
@@ -42,7 +42,7 @@ def assets(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("evaluate")
     torch.manual_seed(0)
-    cfg = configs.svqgan_tiny()
+    cfg = named_configs.svqgan_tiny()
     cfg.model.ch = 16
     export_model(SVQModel(cfg.model, cfg.quantizer).state_dict(), cfg, str(tmp / "stage1"))
     write_synthetic(str(tmp / "val"), split="val", size=64, num_samples=14, samples_per_shard=5, progress=False)
@@ -283,7 +283,7 @@ def test_rank_split_covers_each_sample_once(assets):
 def test_stage2_end_to_end(assets):
     tmp = assets["tmp"]
     torch.manual_seed(0)
-    q = configs.svqgan_tiny().quantizer  # the vocabularies of the stage-1 model in `assets`
+    q = named_configs.svqgan_tiny().quantizer  # the vocabularies of the stage-1 model in `assets`
     cfg = Stage2Config(
         model=GPTConfig(
             image_vocab=q.image_codebook_size,
