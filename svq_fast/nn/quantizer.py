@@ -407,7 +407,7 @@ def _state_impl(
     if phase == "init":
         if int(step) == 0:
             _reseed(st, cfg, torch.arange(weight.shape[0], device=x.device), x)
-        return x.new_empty(0)
+        return x.new_empty(0, dtype=torch.float32)
     return _update(st, cfg, x, indices, codes)
 
 

@@ -234,3 +234,21 @@ def test_triton_launchers_trace_into_wrap_triton_kernels_on_fake_cuda_tensors():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _TRACE], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ema", [False, True])
+def test_opcheck_quantizer_state_ops(dtype, ema):
+    """The quantizer's bookkeeping ops (svq_fast/nn/quantizer.py), both phases, the lookup input in fp32 or bf16
+    (autocast): schema (the buffers they write are declared mutated), fake kernel, and the compile trace."""
+    from svq_fast.nn.quantizer import VectorQuantizer, quantizer_state_ema_op, quantizer_state_grad_op
+
+    q = VectorQuantizer(16, 4, ema=ema, restart_after=1000)
+    g = _gen()
+    x = torch.randn(40, 4, generator=g).to(dtype)
+    idx = torch.randint(0, 16, (40,), generator=g)
+    q.step.fill_(3)  # not fresh: "init" leaves the codebook alone (opcheck runs the op several times)
+    tensors, cfg = q._state_args(x)
+    op = quantizer_state_ema_op if ema else quantizer_state_grad_op
+    for phase in ("init", "update"):
+        _check(op, (phase, x, idx, x, *tensors, *cfg))
