@@ -4,6 +4,7 @@
     python benchmarks/bench_data.py --quick            # smaller counts, for a smoke run
     python benchmarks/bench_data.py --out results.json
     python benchmarks/bench_data.py --streams-only     # only the HTTP-vs-local loader comparison
+    python benchmarks/bench_data.py --checks-only      # only the cost of the per-sample checks (sha256, ids)
 
 Writers: `write_synthetic` (render + PNG encode) at 64 and 256 px, and the real-data converter on a generated
 ADE20k-layout tree of 512x384 JPEG images with 8-bit maps (decode, LUT remap, checks, resize to 256, crop,
@@ -13,6 +14,10 @@ Loader: one full exact epoch per setting (first epoch includes worker start-up),
 Streams: the same epochs read over HTTP from a server on 127.0.0.1 (Python's http.server in a thread; the loader
 streams through curl and WebDataset's tar iteration) against the local files, synthetic 64 and 256 px, for
 num_workers 0 and 2; each pair is measured twice, interleaved, and the faster of each kept; printed as ratios.
+Checks: the same loader epochs (synthetic 64 and 256 px png, num_workers 0) with the per-sample checks off
+(`check_hashes=False`, no class range) and on (meta.json's sha256 of the image and label bytes verified, label
+ids range-checked against the 16 synthetic classes), interleaved, 3 repeats, the faster of each kept; printed
+as the ratio on / off.
 Also prints the per-pixel colour baselines on the synthetic scenes (the difficulty check).
 """
 
@@ -65,7 +70,9 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
-def bench_loader(shards: list[str], image_size: int, num_workers: int, batch: int = 32) -> tuple[int, float]:
+def bench_loader(
+    shards: list[str], image_size: int, num_workers: int, batch: int = 32, checks: bool = False
+) -> tuple[int, float]:
     ld = make_loader(
         shards,
         batch_size=batch,
@@ -75,6 +82,8 @@ def bench_loader(shards: list[str], image_size: int, num_workers: int, batch: in
         rank=0,
         world_size=1,
         shuffle_buffer=256,
+        check_hashes=checks,
+        num_classes=NUM_CLASSES if checks else None,
     )
     t = time.perf_counter()
     n = sum(b["image"].shape[0] for b in ld)
@@ -133,6 +142,30 @@ def print_streams(rows: list[tuple]) -> None:
         print(f"| synthetic {size}px png | {nw} | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
 
 
+def bench_checks(tmp: str, n64: int, n256: int, repeats: int = 3) -> list[tuple]:
+    """[(size, samples/s without the checks, samples/s with them)] on freshly written synthetic shards."""
+    out = []
+    for size, n in ((64, n64), (256, n256)):
+        root = os.path.join(tmp, f"checks{size}")
+        write_synthetic(root, size=size, num_samples=n, samples_per_shard=250, processes=2, progress=False)
+        shards = list_shards(root)
+        best = {False: 0.0, True: 0.0}
+        for _ in range(repeats):
+            for checks in (False, True):
+                k, dt = bench_loader(shards, size, 0, checks=checks)
+                best[checks] = max(best[checks], k / dt)
+        out.append((size, best[False], best[True]))
+        print(f"  {size}px num_workers=0: checks off {best[False]:.0f}/s, on {best[True]:.0f}/s")
+    return out
+
+
+def print_checks(rows: list[tuple]) -> None:
+    print("\n| data | num_workers | checks off samples/s | checks on samples/s | on / off |")
+    print("|---|---:|---:|---:|---:|")
+    for size, off, on in rows:
+        print(f"| synthetic {size}px png | 0 | {off:.0f} | {on:.0f} | {on / off:.3f}x |")
+
+
 def colour_baselines(n_train: int, n_val: int) -> tuple[float, float]:
     def pixels(offset, n):
         xs, ys = zip(*(render_scene(SyntheticSpec(size=64), offset + i) for i in range(n)))
@@ -161,10 +194,22 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="")
     p.add_argument("--streams-only", action="store_true", help="only the HTTP-vs-local loader rows")
+    p.add_argument("--checks-only", action="store_true", help="only the per-sample check cost (sha256, ids)")
     args = p.parse_args(argv)
     n64, n256, nade = (400, 100, 40) if args.quick else (3000, 600, 300)
     rows = []
     tmp = tempfile.mkdtemp(prefix="bench_data_")
+    if args.checks_only:
+        try:
+            print(f"machine: {machine()}")
+            checks = bench_checks(tmp, n64, n256)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print_checks(checks)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"machine": machine(), "checks": checks}, f, indent=1)
+        return 0
     if args.streams_only:
         try:
             print(f"machine: {machine()}")
@@ -207,6 +252,7 @@ def main(argv=None) -> int:
                 n, dt = bench_loader(sh, size, nw)
                 rows.append(("loader", name, f"num_workers={nw}", n, dt))
         streams = bench_streams(tmp, n64, n256)
+        checks = bench_checks(tmp, n64, n256)
         nearest, lut = colour_baselines(300, 100)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,13 +262,20 @@ def main(argv=None) -> int:
     for what, data, setting, n, dt in rows:
         print(f"| {what} | {data} | {setting} | {n} | {dt:.2f} | {n / dt:.0f} |")
     print_streams(streams)
+    print_checks(checks)
     print(
         f"\nsynthetic 64px, 300 train / 100 val scenes: per-pixel nearest-mean colour mIoU {nearest:.3f}, "
         f"colour look-up (16^3 RGB bins) mIoU {lut:.3f}"
     )
     if args.out:
         with open(args.out, "w") as f:
-            blob = {"machine": machine(), "rows": rows, "streams": streams, "colour_baselines": [nearest, lut]}
+            blob = {
+                "machine": machine(),
+                "rows": rows,
+                "streams": streams,
+                "checks": checks,
+                "colour_baselines": [nearest, lut],
+            }
             json.dump(blob, f, indent=1)
     return 0
 

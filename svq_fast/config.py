@@ -165,6 +165,9 @@ class DataConfig:
     stream_retries: int = 3
     stream_backoff: float = 1.0
     stream_timeout: float = 60.0
+    # bad samples (undecodable, sha256 mismatch, label ids outside the model's classes) and samples of unreadable
+    # or short shards are replaced; more than this fraction replaced in a logging window stops the run (1 = never)
+    max_bad_fraction: float = 0.05
 
 
 @dataclass(kw_only=True)
@@ -371,7 +374,9 @@ _AT_LEAST_0 = (
     "loss.l1_weight loss.l2_weight loss.perceptual_weight loss.disc_weight loss.disc_start loss.disc_warmup "
     "sample.top_k"
 ).split()
-_PROBABILITY = "model.dropout model.image_dropout model.latent_swap model.cfg_dropout quantizer.ema_decay".split()
+_PROBABILITY = (
+    "model.dropout model.image_dropout model.latent_swap model.cfg_dropout quantizer.ema_decay data.max_bad_fraction"
+).split()
 
 
 def _fields(obj: Any, prefix: str = ""):

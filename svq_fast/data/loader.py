@@ -5,6 +5,12 @@ Shards are given as URLs of any kind (index.py: local paths, globs, brace patter
 file), read through WebDataset (reader.py); order, splitting over ranks and workers, exact epochs, the
 resampled stream, exact resume and fault handling are the codec-agnostic stream's (stream.py, plan.py). This
 file adds what an image sample is: decoded PNG/JPEG + label PNG, the joint crop/flip (transforms.py).
+
+A sample is bad (replaced by a repeat flagged pad, counted and logged as `shard:key`, never passed on) when it
+does not decode, its image and label differ in size, its bytes do not match the sha256 its meta.json records
+(shards.check_hashes; `check_hashes=False` skips this), or, with `num_classes` given, its label holds an id
+outside 0..num_classes-1 that is not `ignore_index`. `max_bad_fraction` bounds the replaced samples per window
+of `window` batches (stream.ShardLoader): above it the loader raises TooManyBadSamples naming them.
 """
 
 from __future__ import annotations
@@ -14,22 +20,46 @@ import numpy as np
 from svq_fast.data.index import list_shards, read_index, shard_counts
 from svq_fast.data.labels import IGNORE
 from svq_fast.data.reader import FaultPolicy
-from svq_fast.data.shards import decode_sample
-from svq_fast.data.stream import ShardLoader, ShardStream
+from svq_fast.data.shards import ShardFormatError, decode_sample
+from svq_fast.data.stream import ShardLoader, ShardStream, TooManyBadSamples
 from svq_fast.data.transforms import collate, joint_transform, to_tensors
 
 
 class SemanticShardStream(ShardStream):
     """ShardStream of (image, label) samples, cropped and flipped jointly to image_size x image_size."""
 
-    def __init__(self, shards: list[str], *, image_size: int, flip: bool = True, crop: str = "random", **kwargs):
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        image_size: int,
+        flip: bool = True,
+        crop: str = "random",
+        num_classes: int | None = None,
+        ignore_index: int = IGNORE,
+        check_hashes: bool = True,
+        **kwargs,
+    ):
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.image_size, self.flip, self.crop = image_size, flip, crop
+        self.num_classes, self.ignore_index, self.check_hashes = num_classes, ignore_index, check_hashes
+        self._valid = None  # (256,) bool: which uint8 label values are valid ids (None: not checked)
+        if num_classes is not None:
+            valid = np.zeros(256, bool)
+            valid[: min(num_classes, 256)] = True
+            if 0 <= ignore_index < 256:
+                valid[ignore_index] = True
+            self._valid = valid
         super().__init__(shards, **kwargs)
 
     def decode(self, raw: dict[str, bytes], where: str):
-        return decode_sample(raw, where=where)[:2]
+        image, label, _ = decode_sample(raw, where=where, verify=self.check_hashes)
+        if self._valid is not None:
+            check_label_ids(label, self._valid, self.num_classes, self.ignore_index, where)
+        return image, label
 
     def make_sample(self, decoded, params: np.ndarray) -> dict:
         image, label = joint_transform(*decoded, self.image_size, params, self.flip, self.crop)
@@ -40,6 +70,19 @@ class SemanticShardStream(ShardStream):
         s = self.image_size
         x, lab = to_tensors(np.zeros((s, s, 3), np.uint8), np.full((s, s), IGNORE, np.uint8))
         return {"image": x, "label": lab}
+
+
+def check_label_ids(label: np.ndarray, valid: np.ndarray, num_classes: int, ignore_index: int, where: str) -> None:
+    """Raise ShardFormatError naming `where` and the ids (up to 8) of a uint8 label map that are not valid."""
+    if label.max() < num_classes:  # the common case without ignore pixels: one reduction
+        return
+    present = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+    bad = present[~valid[present]]
+    if bad.size:
+        ids = ", ".join(map(str, bad[:8].tolist())) + (", ..." if bad.size > 8 else "")
+        raise ShardFormatError(
+            f"{where}: label ids {ids} outside the run's classes 0..{num_classes - 1} (ignore id {ignore_index})"
+        )
 
 
 def make_loader(
@@ -62,11 +105,18 @@ def make_loader(
     stream_cls: type[SemanticShardStream] | None = None,
     faults: FaultPolicy | None = None,
     log_dir: str | None = None,
+    num_classes: int | None = None,
+    ignore_index: int = IGNORE,
+    check_hashes: bool = True,
+    max_bad_fraction: float | None = None,
+    window: int = 10,
 ) -> ShardLoader:
     """A ShardLoader (a DataLoader) yielding {"image", "label", "key", "pad"} batches; see the module docstring.
     rank / world_size default to torch.distributed's when it is initialised (else 0 / 1). `faults`: retries,
     backoff and timeouts for streamed shards (reader.FaultPolicy); `log_dir`: a TensorBoard folder for the
-    data fault counters (faults.py)."""
+    data fault counters (faults.py). `num_classes` / `ignore_index`: the label ids a sample may hold (None: not
+    checked); `check_hashes`: verify meta.json's sha256; `max_bad_fraction` (None: no limit) per `window`
+    batches: see stream.ShardLoader."""
     dataset = (stream_cls or SemanticShardStream)(
         shards,
         image_size=image_size,
@@ -82,8 +132,12 @@ def make_loader(
         shuffle=shuffle,
         epoch=epoch,
         faults=faults,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        check_hashes=check_hashes,
     )
-    return ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, log_dir=log_dir)
+    return ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                       log_dir=log_dir, max_bad_fraction=max_bad_fraction, window=window)  # fmt: skip
 
 
 __all__ = [
@@ -97,5 +151,7 @@ __all__ = [
     "collate",
     "SemanticShardStream",
     "ShardLoader",
+    "TooManyBadSamples",
+    "check_label_ids",
     "make_loader",
 ]

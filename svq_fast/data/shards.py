@@ -3,6 +3,9 @@
 A shard is a plain tar readable by `webdataset.WebDataset`: members `{key}.image.png|jpg`,
 `{key}.label.png` (8-bit, unified class ids, 255 = ignore) and `{key}.meta.json`. Shards are written to a
 temporary name and renamed when complete, so a crashed writer never leaves a shard that looks finished.
+meta.json records the sha256 of the sample's image and label bytes (`"sha256": {"image.png": hex, "label.png":
+hex}`); `decode_sample` checks them when present, so a damaged PNG that still decodes (into wrong class ids)
+is caught. Shards of older versions have no hashes and load unchecked.
 `index.json` beside the shards lists shard names, sample counts and the class histogram.
 
 Reading is reader.py's (WebDataset's openers and tar iteration, from any URL); `decode_sample` turns one
@@ -11,6 +14,7 @@ sample's members into arrays.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -40,19 +44,44 @@ def encode_jpg(array: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def decode_sample(members: dict[str, bytes], *, where: str = "") -> tuple[np.ndarray, np.ndarray, dict]:
+def content_hashes(members: dict[str, bytes]) -> dict[str, str]:
+    """{member suffix: sha256 hex} of a sample's image and label bytes (what meta.json records)."""
+    return {k: hashlib.sha256(v).hexdigest() for k, v in members.items() if k.startswith(("image.", "label."))}
+
+
+def check_hashes(members: dict[str, bytes], meta: dict, *, where: str = "") -> None:
+    """Raise ShardFormatError naming `where` and the member when a hash recorded in meta differs (no hashes: ok)."""
+    recorded = meta.get("sha256") if isinstance(meta, dict) else None
+    if not recorded:
+        return
+    if not isinstance(recorded, dict):
+        raise ShardFormatError(f"{where}: meta.json sha256 is {type(recorded).__name__}, expected a dict")
+    for name, want in recorded.items():
+        data = members.get(name)
+        if data is None:
+            raise ShardFormatError(f"{where}: meta.json records a sha256 of {name}, which the sample lacks")
+        if hashlib.sha256(data).hexdigest() != want:
+            raise ShardFormatError(f"{where}: {name} does not match its sha256 in meta.json (damaged bytes)")
+
+
+def decode_sample(
+    members: dict[str, bytes], *, where: str = "", verify: bool = True
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """members: {'image.png'|'image.jpg': bytes, 'label.png': bytes, 'meta.json': bytes (optional)}
-    -> (image (H, W, 3) uint8, label (H, W) uint8, meta). Raises ShardFormatError naming `where`."""
+    -> (image (H, W, 3) uint8, label (H, W) uint8, meta). Raises ShardFormatError naming `where`.
+    `verify`: check the sha256 hashes meta.json records (check_hashes)."""
     img_key = "image.png" if "image.png" in members else "image.jpg"
     if img_key not in members or "label.png" not in members:
         raise ShardFormatError(f"{where}: sample lacks image.(png|jpg) or label.png (has {sorted(members)})")
     try:
+        meta = json.loads(members["meta.json"]) if "meta.json" in members else {}
+        if verify:
+            check_hashes(members, meta, where=where)
         image = np.asarray(Image.open(io.BytesIO(members[img_key])).convert("RGB"))
         label_img = Image.open(io.BytesIO(members["label.png"]))
         if label_img.mode not in ("L", "P"):
             raise ShardFormatError(f"{where}: label.png has mode {label_img.mode}, expected 8-bit L")
         label = np.asarray(label_img)
-        meta = json.loads(members["meta.json"]) if "meta.json" in members else {}
     except ShardFormatError:
         raise
     except Exception as e:
@@ -65,9 +94,10 @@ def decode_sample(members: dict[str, bytes], *, where: str = "") -> tuple[np.nda
 def sample_members(
     key: str, image: bytes, label: bytes, meta: dict, image_format: str = "jpg"
 ) -> list[tuple[str, bytes]]:
-    """The tar members of one sample, in the order they are written."""
+    """The tar members of one sample, in the order they are written; meta.json gains the content hashes."""
     if "." in key or "/" in key:
         raise ValueError(f"{key}: keys must not contain '.' or '/' (WebDataset splits member names on '.')")
+    meta = {**meta, "sha256": content_hashes({f"image.{image_format}": image, "label.png": label})}
     return [
         (f"{key}.image.{image_format}", image),
         (f"{key}.label.png", label),
@@ -141,12 +171,9 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         encode = encode_png if self.image_format == "png" else encode_jpg
-        sample = {
-            "__key__": key,
-            f"image.{self.image_format}": encode(image),
-            "label.png": encode_png(label),
-            "meta.json": json.dumps(meta or {}).encode(),
-        }
+        content = {f"image.{self.image_format}": encode(image), "label.png": encode_png(label)}
+        meta = {**(meta or {}), "sha256": content_hashes(content)}
+        sample = {"__key__": key, **content, "meta.json": json.dumps(meta).encode()}
         self._tar.write(sample)
         self._hist += np.bincount(label.ravel(), minlength=256)
         self.shards[-1]["samples"] += 1

@@ -17,7 +17,8 @@ must equal the saved ones; the shards may be read through another kind of URL (l
 Faults never change the plan: a sample that cannot be read (a shard given up after its retries, a damaged
 member, a shard shorter than its index says) is replaced by a repeat of a readable sample of the same block
 flagged `pad = True` (a blank sample if the whole block is unreadable), so every rank still yields the same
-number of batches and no rank waits forever at the end of an epoch. See faults.py for how they are reported.
+number of batches and no rank waits forever at the end of an epoch. See faults.py for how they are reported,
+and for the bound (`max_bad_fraction` of the samples of a window of batches) above which the loader stops.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from svq_fast import dist
 from svq_fast.data import plan
-from svq_fast.data.faults import EVENTS, FaultLog, warn
+from svq_fast.data.faults import EVENTS, FaultLog, TooManyBadSamples, warn
 from svq_fast.data.index import shard_counts, shard_name
 from svq_fast.data.reader import FaultPolicy, ShardCursor
 from svq_fast.data.shards import ShardFormatError
 from svq_fast.data.transforms import NUM_PARAMS, collate
+
+__all__ = ["ShardStream", "ShardLoader", "TooManyBadSamples"]
 
 
 class ShardStream(IterableDataset):
@@ -195,10 +198,10 @@ class ShardStream(IterableDataset):
                 return None
 
         for i in range(skip, len(rows)):
-            key, _, pad, _ = rows[i]
+            key, _, pad, where = rows[i]
             decoded = decode(i)
             if decoded is None:  # replace by the next readable sample of the block, flagged pad
-                self._report("replaced", n=1)
+                self._report("replaced", n=1, url=where)
                 pad = True
                 for j in range(1, len(rows)):
                     decoded = decode((i + j) % len(rows))
@@ -251,7 +254,9 @@ class ShardLoader(DataLoader):
     """A DataLoader over a ShardStream that knows its position: `state_dict()` / `load_state_dict()` give exact
     resume; iterating again after a break continues where it stopped; a finished pass over an exact epoch moves
     to the next epoch. Workers are not persistent (each pass forks them with the current position).
-    `faults` counts the data faults of all workers (and writes them to TensorBoard under `log_dir`)."""
+    `faults` counts the data faults of all workers (and writes them to TensorBoard under `log_dir`); with
+    `max_bad_fraction`, a window of `window` batches in which more than that fraction of the samples had to be
+    replaced raises TooManyBadSamples (faults.FaultLog)."""
 
     def __init__(
         self,
@@ -260,6 +265,8 @@ class ShardLoader(DataLoader):
         batch_size: int,
         num_workers: int = 0,
         log_dir: str | None = None,
+        max_bad_fraction: float | None = None,
+        window: int = 10,
         **kwargs,
     ):
         if dataset.batch_size != batch_size:
@@ -269,7 +276,7 @@ class ShardLoader(DataLoader):
         self._epoch = dataset.epoch
         self._consumed = 0
         self._steps = 0  # batches handed out in this process, all epochs (the step axis of the fault log)
-        self.faults = FaultLog(log_dir, rank=dataset.rank)
+        self.faults = FaultLog(log_dir, rank=dataset.rank, max_bad_fraction=max_bad_fraction, window=window)
 
     @property
     def epoch(self) -> int:
@@ -291,6 +298,7 @@ class ShardLoader(DataLoader):
         ds.epoch, ds.start_batch = self._epoch, self._consumed
         for batch in super().__iter__():
             self.faults.record(batch.pop(EVENTS, []), self._steps)
+            self.faults.batch(len(batch["key"]), self._steps)  # may raise TooManyBadSamples (faults.py)
             self._consumed += 1
             self._steps += 1
             yield batch

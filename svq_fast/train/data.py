@@ -73,14 +73,19 @@ class _RankSlice:
 
 
 def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, shards: list[str] | None = None,
-                 log_dir: str | None = None):  # fmt: skip
+                 log_dir: str | None = None, *, num_classes: int | None = None, ignore_index: int = 255,
+                 window: int = 10):  # fmt: skip
     """Endless loader of this rank's micro-batches; `shards` = already resolved training shards (else resolved
     here); streamed shards are retried as cfg.stream_* say, and the data fault counters go to TensorBoard under
-    `log_dir` (None: the run log only)."""
+    `log_dir` (None: the run log only). Label ids outside 0..num_classes-1 that are not ignore_index make a
+    sample bad (replaced, counted, logged as shard:key; num_classes None: not checked); more than
+    cfg.max_bad_fraction replaced samples in a window of `window` batches (the run's logging window) stop the run
+    with TooManyBadSamples (svq_fast/data/faults.py)."""
     shards = shards if shards is not None else shards_or_synthetic(cfg, "train", rank)
     common = dict(image_size=cfg.image_size, seed=cfg.seed, num_workers=cfg.num_workers, resampled=True,
                   flip=cfg.random_flip, shuffle_buffer=cfg.shuffle_buffer, faults=FaultPolicy.of(cfg),
-                  log_dir=log_dir)  # fmt: skip
+                  log_dir=log_dir, num_classes=num_classes, ignore_index=ignore_index,
+                  max_bad_fraction=cfg.max_bad_fraction, window=max(1, window))  # fmt: skip
     if cfg.global_stream:  # one global stream of micro_batch * world samples; each rank keeps its rows
         loader = make_loader(shards, batch_size=micro_batch * world_size, rank=0, world_size=1, **common)
         return _RankSlice(loader, rank, micro_batch)

@@ -282,7 +282,9 @@ def train_stage1(cfg: Stage1Config, after_step=()) -> dict:
         d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers, lecam=lecam)
         engines["discriminator"] = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)[0]
     heldout = heldout_batch(cfg) if "discriminator" in engines else None
-    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, shards, log_dir=tensorboard_dir(cfg))
+    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, shards, log_dir=tensorboard_dir(cfg),
+                          num_classes=cfg.model.num_classes, ignore_index=cfg.model.ignore_index,
+                          window=cfg.log.every * cfg.optim.grad_accum)  # fmt: skip
     stage = Stage1(cfg, engines, loader, dev, perceptual=None if perceptual is None else perceptual.to(dev),
                    class_weight=class_weight, heldout=heldout)  # fmt: skip
     stage.flops_per_sample = stage1_flops_per_sample(cfg, dev)

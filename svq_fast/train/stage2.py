@@ -66,7 +66,10 @@ def train_stage2(cfg: Stage2Config, after_step=()) -> dict:
     if cfg.data.token_shards:
         loader = token_train_loader(cfg, rank, world)
     else:
-        loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, log_dir=tensorboard_dir(cfg))
+        labels = (tokenizer.semantic_model or tokenizer.image_model).cfg  # the model that reads the labels
+        loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, log_dir=tensorboard_dir(cfg),
+                              num_classes=labels.num_classes, ignore_index=labels.ignore_index,
+                              window=cfg.log.every * cfg.optim.grad_accum)  # fmt: skip
     stage = Stage2(cfg, gpt, loader, dev, tokenizer)
     stage.flops_per_sample = gpt_flops_per_sample(cfg, dev)
     return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir, after_step=after_step)
