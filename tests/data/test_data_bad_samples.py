@@ -244,3 +244,20 @@ def test_a_training_run_on_emptied_shards_stops_with_the_error_and_exports_nothi
     with pytest.warns(DataFaultWarning), pytest.raises(TooManyBadSamples, match="part-00000[123].tar"):
         loop.run(cfg, stage, rank=0, world=1, dev=torch.device("cpu"), run_dir=cfg.run.out_dir)
     assert len(seen) < 40 and not (tmp_path / "run" / "export").exists()
+
+
+def test_shard_writer_and_make_shards_record_the_hashes(tmp_path):
+    from svq_fast.data.make_shards import write_synthetic
+    from svq_fast.data.shards import ShardFormatError, ShardWriter, decode_sample
+
+    with ShardWriter(str(tmp_path / "w"), samples_per_shard=4) as w:
+        w.write("k0", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8), {"n": 0})
+    write_synthetic(str(tmp_path / "s"), size=16, num_samples=2, samples_per_shard=2, processes=1, progress=False)
+    for path in (tmp_path / "w" / "shard-000000.tar", tmp_path / "s" / "synthetic-train-000000.tar"):
+        members = _members(str(path))
+        key = members[0][0].split(".")[0]
+        sample = {n.split(".", 1)[1]: d for n, d in members if n.startswith(key + ".")}
+        assert set(json.loads(sample["meta.json"])["sha256"]) == {"image.png", "label.png"}
+        decode_sample(sample, where=key)
+        with pytest.raises(ShardFormatError, match=f"{key}: image.png does not match its sha256"):
+            decode_sample({**sample, "image.png": sample["image.png"][:-1] + b"\x00"}, where=key)
