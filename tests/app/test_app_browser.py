@@ -204,7 +204,15 @@ class Page:
             "return imgs.length === arguments[0] && imgs.every(i => i.complete && i.naturalWidth > 0)"
             " && document.getElementById('timing').dataset.firstSampleMs !== undefined"
         )
-        self.wait(lambda: self.d.execute_script(loaded, n), f"{n} sample images", timeout=120)
+        self.statuses = []  # what the progress line said while waiting
+
+        def done():
+            status = self.d.execute_script("return document.getElementById('status').textContent")
+            if not self.statuses or self.statuses[-1] != status:
+                self.statuses.append(status)
+            return self.d.execute_script(loaded, n)
+
+        self.wait(done, f"{n} sample images", timeout=120)
         return self.el("samples").get_attribute("data-job")
 
     def first_sample_ms(self) -> float:
@@ -391,6 +399,8 @@ def test_demo_page_screenshot_and_timing(browser):
         page.setting("num_samples", 4)
         page.setting("seed", 0)
         page.sample(4)
+        steps = [int(m.group(1)) for t in page.statuses if (m := re.match(r"sampling image tokens: (\d+) / 256", t))]
+        assert any(0 < k < 256 for k in steps), page.statuses  # progress showed while the tokens were drawn
         out.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(out / "app_screenshot.png"))
         result = {
