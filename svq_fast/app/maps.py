@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from svq_fast.data.labels import IGNORE, get_space, make_palette
+from svq_fast.data.labels import IGNORE, space_for
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_UPLOAD_BYTES = 8 << 20
@@ -60,16 +60,11 @@ class ClassPalette:
 
 
 def palette_for(num_classes: int, ignore: int = IGNORE) -> ClassPalette:
-    """The label space whose size matches the model's (the synthetic scenes' 16 classes, or the unified table),
-    else generic names with well-spread colours."""
-    for name in ("synthetic", "unified"):
-        try:
-            space = get_space(name)
-        except FileNotFoundError:  # the unified table missing from an odd install: fall through to generic
-            continue
-        if space.num_classes == num_classes:
-            return ClassPalette(name, tuple(space.names), np.asarray(space.palette, np.uint8), ignore)
-    return ClassPalette("generic", tuple(f"class_{i}" for i in range(num_classes)), make_palette(num_classes), ignore)
+    """The page's palette of the model's label space (svq_fast.data.labels.space_for: the synthetic scenes' 16
+    classes, the unified table, or generic names with well-spread colours)."""
+    space = space_for(num_classes)
+    kind = space.name if space.name in ("synthetic", "unified") else "generic"
+    return ClassPalette(kind, tuple(space.names), np.asarray(space.palette, np.uint8), ignore)
 
 
 def check_ids(label: np.ndarray, palette: ClassPalette, what: str) -> np.ndarray:

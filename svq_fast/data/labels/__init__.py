@@ -109,7 +109,10 @@ def space_for(num_classes: int) -> LabelSpace:
     """The label space of a model with `num_classes` classes: the synthetic or the unified one when the count
     matches, else generic names class_0.. with a generated palette."""
     for name in ("synthetic", "unified"):
-        space = get_space(name)
+        try:
+            space = get_space(name)
+        except FileNotFoundError:  # the unified table missing from an odd install: generic names then
+            continue
         if space.num_classes == num_classes:
             return space
     return LabelSpace(
