@@ -40,8 +40,11 @@ def measured_cpu_peak(dtype: str = "fp32") -> float:
     cached). On a shared machine it can still underestimate the peak, so CPU MFU is indicative only."""
     if dtype not in _cpu_peak_cache:
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-        a = torch.randn(1024, 1024, dtype=torch_dtype)
-        b = torch.randn(1024, 1024, dtype=torch_dtype)
+        # a private generator: drawing from the global one would shift the training stream at whichever step this
+        # first runs, and a resumed process runs it again at a different step, so resumed runs would diverge
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(1024, 1024, generator=gen).to(torch_dtype)
+        b = torch.randn(1024, 1024, generator=gen).to(torch_dtype)
         a @ b
         best = float("inf")
         for _ in range(7):  # best single GEMM: other load on the machine only ever slows a trial down

@@ -205,6 +205,21 @@ def test_train_segmenter_output(assets):
         model(torch.zeros(1, 3, 30, 30))
 
 
+def test_train_segmenter_channels_last_matches_the_default_layout(assets, tmp_path):
+    # the layout is a speed option: same data, same seed -> the same model up to float reassociation, and the
+    # export is written in the default layout (safetensors refuses non-contiguous tensors). Compared on outputs:
+    # a conv bias in front of a GroupNorm has a gradient of pure rounding noise, whose sign Adam's first steps follow
+    common = ["--train-shards", assets["shards"], "--val-shards", assets["shards"], "--steps", "2"]
+    common += ["--batch-size", "4", "--width", "8", "--levels", "2", "--val-samples", "4"]
+    assert train_segmenter.main(["--out", str(tmp_path / "nchw"), *common]) == 0
+    assert train_segmenter.main(["--out", str(tmp_path / "nhwc"), *common, "--channels-last"]) == 0
+    a, _ = load_segmenter(str(tmp_path / "nchw"))
+    b, _ = load_segmenter(str(tmp_path / "nhwc"))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), atol=1e-4, rtol=1e-4)
+
+
 def test_stage1_without_weights_reports_na(assets):
     res, md = _run(
         assets,

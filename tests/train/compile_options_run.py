@@ -17,7 +17,6 @@ import sys
 from svq_fast import dist
 from svq_fast.config import apply_overrides
 from svq_fast.named_configs import get_config
-from svq_fast.train.perf import measured_cpu_peak
 from svq_fast.train.stage1 import train_stage1
 from svq_fast.train.stage2 import train_stage2
 
@@ -65,10 +64,6 @@ def stage2(work: str, name: str, *extra: str):
 
 
 def main(work: str, backend: str) -> None:
-    # svq_fast/train/perf.py measures the CPU's GEMM peak once per process with torch.randn from the global RNG,
-    # after the loop has seeded it: measured here first, every run below draws the same random stream.
-    for precision in ("fp32", "bf16"):
-        measured_cpu_peak(precision)
     compiled = ["--run.compile=true", f"--run.compile_backend={backend}"]
     out = {}
     out["stage1_eager"] = train_stage1(stage1(work, "stage1_eager"))["history"]

@@ -151,3 +151,16 @@ def test_after_step_callbacks_run_after_each_step_and_its_checkpoint(tmp_path):
     # steps 1..5 (the last step ends the loop before the callbacks); the even ones were checkpointed first
     assert seen == [(1, False), (2, True), (3, False), (4, True), (5, False)]
     assert out["history"][0]["throughput/images_per_s_per_rank"] > 0  # the stage's throughput unit
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
+    # the MFU denominator is measured at a run's first log window; a resumed process measures it again at another
+    # step, so drawing its operands from the global RNG would make resumed runs diverge from uninterrupted ones
+    from svq_fast.train import perf
+
+    perf._cpu_peak_cache.clear()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    assert perf.measured_cpu_peak("fp32") > 0
+    assert torch.equal(torch.rand(4), expected)
