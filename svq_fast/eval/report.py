@@ -125,6 +125,7 @@ def diagnostics_markdown(d: dict) -> list[str]:
         ]
         lines += [f"| {r['images']} | {_fmt(r['seg_miou'], 2, 100)} | {_fmt(r['fsd'], 3)} |" for r in d["rows"]]
         lines.append("")
+    lines += map_following_checks(d)
     lines += [
         f"Image-token NLL over {nll['maps']} held-out scenes (bits per token): with the true condition "
         f"{_fmt(nll['condition'], 3)}, with the null condition {_fmt(nll['null_condition'], 3)}; the condition "
@@ -132,3 +133,51 @@ def diagnostics_markdown(d: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def map_following_checks(d: dict) -> list[str]:
+    """The diagnostic rows read as the questions a user asks of the pipeline, each with its measured value and the
+    bar it should clear: does the instrument itself score >= 80% on real images; do generations follow the map
+    nearly as well as real images score (generated / real seg. mIoU >= 0.6); does the layout survive another
+    scene's z_x (>= 0.7 of the reconstructions); does the GPT beat random image tokens with the same z_s (lower
+    FSD, seg. mIoU at least as high); does the condition inform it (NLL gap > 2 standard errors over scenes)."""
+    from svq_fast.eval.diagnostics import RANDOM, REAL, RECON, SAMPLES, SWAP
+
+    rows = {r["images"]: r for r in d["rows"]}
+    if not all(k in rows for k in (REAL, RECON, SWAP, RANDOM, SAMPLES)):
+        return []
+    real, recon, swap = rows[REAL]["seg_miou"], rows[RECON]["seg_miou"], rows[SWAP]["seg_miou"]
+    gpt, rand = rows[SAMPLES], rows[RANDOM]
+    nll = d["nll_bits_per_token"]
+    std, maps = nll["gap_std_over_maps"], nll["maps"]
+    se = std / math.sqrt(maps) if isinstance(std, float) and maps else float("nan")  # of the mean over scenes
+
+    def ratio(a, b):
+        return a / b if isinstance(a, float) and isinstance(b, float) and b > 0 else float("nan")
+
+    def verdict(ok) -> str:
+        return "yes" if ok else "no"
+
+    checks = [
+        ("the instrument: segmenter mIoU on real images (%)", _fmt(real, 2, 100), ">= 80",
+         verdict(isinstance(real, float) and real >= 0.8)),
+        ("GPT samples' seg. mIoU / real images'", f"{ratio(gpt['seg_miou'], real):.2f}", ">= 0.60",
+         verdict(ratio(gpt["seg_miou"], real) >= 0.6)),
+        ("another scene's z_x / reconstructions (seg. mIoU)", f"{ratio(swap, recon):.2f}", ">= 0.70",
+         verdict(ratio(swap, recon) >= 0.7)),
+        ("GPT samples vs random z_x, FSD", f"{_fmt(gpt['fsd'], 3)} vs {_fmt(rand['fsd'], 3)}", "lower",
+         verdict(_lt(gpt["fsd"], rand["fsd"]))),
+        ("GPT samples vs random z_x, seg. mIoU (%)",
+         f"{_fmt(gpt['seg_miou'], 2, 100)} vs {_fmt(rand['seg_miou'], 2, 100)}", "at least as high",
+         verdict(_lt(rand["seg_miou"], gpt["seg_miou"]) or rand["seg_miou"] == gpt["seg_miou"])),
+        ("bits per image token the condition gives the GPT", f"{_fmt(nll['gap'], 3)} (standard error {_fmt(se, 3)})",
+         "> 2 standard errors", verdict(_lt(2 * se, nll["gap"]))),
+    ]  # fmt: skip
+    lines = ["| check | measured | bar | met |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value} | {bar} | {met} |" for name, value, bar, met in checks]
+    return [*lines, ""]
+
+
+def _lt(a, b) -> bool:
+    """a < b for finite floats; False when either is missing ('n/a')."""
+    return isinstance(a, float) and isinstance(b, float) and math.isfinite(a) and math.isfinite(b) and a < b
