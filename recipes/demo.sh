@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 NPROC=${NPROC:-2}
-STAGE1_STEPS=${STAGE1_STEPS:-400}
+STAGE1_STEPS=${STAGE1_STEPS:-480}
 STAGE2_STEPS=${STAGE2_STEPS:-300}
 SEGMENTER=${SEGMENTER:-svq_fast/eval/assets/segmenter_synthetic64}
 EVAL_SAMPLES=${EVAL_SAMPLES:-128}

@@ -107,6 +107,11 @@ class LossConfig:
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     perceptual_weight: float = 0.0  # LPIPS; needs lpips_vgg_path
+    # Local texture energy (losses/reconstruction.py:texture_loss): L1 between the mean |high-pass| of x_hat and of x
+    # in texture_window x texture_window cells. Phase-free, so blur costs and a pattern off by half a period does
+    # not; no pretrained network needed (LPIPS's role where its weights are absent). 0 = off (the paper).
+    texture_weight: float = 0.0
+    texture_window: int = 4
     lpips_vgg_path: str = ""
     gan: bool = True  # VQGAN (PatchGAN) vs VQVAE
     gan_loss: Literal["hinge", "non_saturating"] = "hinge"  # hinge: VQGAN's
@@ -364,14 +369,14 @@ _AT_LEAST_1 = (
     "model.image_size model.num_classes model.ch model.norm_groups model.z_channels model.semantic_z_channels "
     "model.semantic_decoder_width model.image_vocab model.semantic_vocab model.grid model.n_layer model.n_head "
     "model.n_embd quantizer.image_codebook_size quantizer.semantic_codebook_size quantizer.usage_window "
-    "loss.disc_ch loss.disc_layers data.image_size data.synthetic_train_samples optim.max_steps optim.micro_batch "
+    "loss.disc_ch loss.disc_layers loss.texture_window data.image_size data.synthetic_train_samples optim.max_steps optim.micro_batch "
     "optim.grad_accum log.every run.max_nonfinite_skips"
 ).split()
 _AT_LEAST_0 = (
     "model.num_res_blocks model.semantic_decoder_blocks quantizer.code_dim quantizer.restart_after data.num_workers "
     "data.shuffle_buffer optim.warmup_steps optim.weight_decay optim.grad_clip optim.disc_lr log.image_every "
     "run.save_every run.keep_last run.max_seconds quantizer.beta loss.semantic_weight loss.semantic_class_balance "
-    "loss.l1_weight loss.l2_weight loss.perceptual_weight loss.disc_weight loss.disc_start loss.disc_warmup "
+    "loss.l1_weight loss.l2_weight loss.perceptual_weight loss.texture_weight loss.disc_weight loss.disc_start loss.disc_warmup "
     "sample.top_k"
 ).split()
 _PROBABILITY = (
@@ -434,6 +439,10 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"model.latent_swap={m.latent_swap} is a probability: use a value in [0, 1]")
         if m.image_decoder_semantic == "spade" and m.spade_hidden < 1:
             raise ConfigError(f"model.spade_hidden={m.spade_hidden} must be >= 1 with the SPADE decoder")
+        if cfg.loss.texture_weight and m.image_size % cfg.loss.texture_window:
+            raise ConfigError(
+                f"loss.texture_window={cfg.loss.texture_window} does not divide model.image_size={m.image_size}"
+            )
         if cfg.loss.lecam_weight < 0 or not 0.0 <= cfg.loss.lecam_decay < 1.0:
             raise ConfigError("loss.lecam_weight must be >= 0 and loss.lecam_decay in [0, 1)")
     if isinstance(cfg, Stage2Config):

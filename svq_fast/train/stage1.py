@@ -25,7 +25,7 @@ from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.class_balance import balanced_class_weights
 from svq_fast.losses.gan import adaptive_weight, discriminator_loss, generator_adv_loss, lecam_penalty
 from svq_fast.losses.perceptual import build_perceptual
-from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss
+from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss, texture_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
 from svq_fast.train.data import shards_or_synthetic, tensorboard_dir, train_loader
@@ -157,6 +157,10 @@ class Stage1(Stage):
             p_loss = self.perceptual(leaf, x)
             nll = nll + cfg.perceptual_weight * p_loss
             logs["lpips"] = p_loss.item()
+        if cfg.texture_weight:
+            t_loss = texture_loss(leaf, x, cfg.texture_window)
+            nll = nll + cfg.texture_weight * t_loss
+            logs["texture"] = t_loss.item()
         image_loss = nll
         if self.disc is not None and step >= cfg.disc_start:
             g_loss = generator_adv_loss(generator_adv_logits(self.disc, leaf), cfg.gan_loss)
