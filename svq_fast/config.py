@@ -369,15 +369,15 @@ _AT_LEAST_1 = (
     "model.image_size model.num_classes model.ch model.norm_groups model.z_channels model.semantic_z_channels "
     "model.semantic_decoder_width model.image_vocab model.semantic_vocab model.grid model.n_layer model.n_head "
     "model.n_embd quantizer.image_codebook_size quantizer.semantic_codebook_size quantizer.usage_window "
-    "loss.disc_ch loss.disc_layers loss.texture_window data.image_size data.synthetic_train_samples optim.max_steps optim.micro_batch "
-    "optim.grad_accum log.every run.max_nonfinite_skips"
+    "loss.disc_ch loss.disc_layers loss.texture_window data.image_size data.synthetic_train_samples optim.max_steps "
+    "optim.micro_batch optim.grad_accum log.every run.max_nonfinite_skips"
 ).split()
 _AT_LEAST_0 = (
     "model.num_res_blocks model.semantic_decoder_blocks quantizer.code_dim quantizer.restart_after data.num_workers "
     "data.shuffle_buffer optim.warmup_steps optim.weight_decay optim.grad_clip optim.disc_lr log.image_every "
     "run.save_every run.keep_last run.max_seconds quantizer.beta loss.semantic_weight loss.semantic_class_balance "
-    "loss.l1_weight loss.l2_weight loss.perceptual_weight loss.texture_weight loss.disc_weight loss.disc_start loss.disc_warmup "
-    "sample.top_k"
+    "loss.l1_weight loss.l2_weight loss.perceptual_weight loss.texture_weight loss.disc_weight loss.disc_start "
+    "loss.disc_warmup sample.top_k"
 ).split()
 _PROBABILITY = (
     "model.dropout model.image_dropout model.latent_swap model.cfg_dropout quantizer.ema_decay data.max_bad_fraction"
