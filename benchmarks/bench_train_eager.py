@@ -5,7 +5,7 @@ cross-entropy), no DeepSpeed, torch.optim.AdamW, bf16 autocast, random inputs al
     python benchmarks/bench_train_eager.py --device cuda --paper --seconds 20 --jsonl rows.jsonl
     python benchmarks/bench_train_eager.py --smoke               # tiny configs, CPU, a few steps (CI)
 
-Stage 1 step: generator fwd + bwd on (L1 + adversarial + vq) image loss and (CE + vq) semantic loss, the
+Stage 1 step: generator fwd + bwd on (L1 + texture + adversarial + vq) image loss and (CE + vq) semantic loss, the
 discriminator on real + fake (hinge) and its step; no LPIPS (the GPU image has no VGG weights). Stage 2 step:
 SemanticGPT (attn_backend="sdpa", chunked_ce=False) fwd + bwd + step on random token sequences.
 Rows: images_per_s (stage 1) / tokens_per_s (stage 2), and MFU = FLOPs per sample (svq_fast.train's counters,
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from bench_common import JsonlWriter, precision_note, sync, time_ms  # benchmarks/bench_common.py
 
 from svq_fast.losses.gan import hinge_d_loss
+from svq_fast.losses.reconstruction import texture_loss
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.named_configs import get_config
@@ -91,6 +92,8 @@ def stage1(args, peak: float) -> dict:
             if gen.has_image:
                 x_hat = out["x_hat"]
                 loss = loss + (x_hat.float() - x).abs().mean() + out["vq_loss_x"]
+                if cfg.loss.texture_weight:
+                    loss = loss + cfg.loss.texture_weight * texture_loss(x_hat, x, cfg.loss.texture_window)
                 for p in disc.parameters():
                     p.requires_grad_(False)
                 loss = loss - 0.1 * disc(x_hat).float().mean()  # generator hinge term

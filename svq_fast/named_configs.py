@@ -80,10 +80,11 @@ def svqgan_tiny() -> Stage1Config:
     after 204 discriminator-only steps: reconstructions' seg. mIoU 25.8% against 21.9%, FSD 8.17 against 8.58, PSNR
     20.3 dB either way (same 67%-mIoU instrument, 128 held-out scenes). The texture term (`texture_weight`,
     losses/reconstruction.py: L1 on the local energy of a 3x3 high-pass, phase-free, no pretrained network) gives
-    the decoder the cue that blur is wrong: on the same 480-step recipe weight 0 / 2 / 4 reach reconstruction seg.
-    mIoU 25.8 / 37.5 / 41.1%, FSD 8.17 / 2.86 / 1.68, PSNR 20.3 / 19.4 / 19.2 dB and SSIM 0.51 / 0.46 / 0.44 (sand,
-    road and grass, told by their dots, stripes and noise, go from 2 / 11 / 32% IoU to 65 / 50 / 67% at weight 2),
-    with the discriminator's held-out gap at +7.4 / +5.9 / +5.9, so 4. The paper-size configs keep the paper's
+    the decoder the cue that blur is wrong: on the same 480-step recipe weight 0 / 2 / 4 / 8 reach reconstruction
+    seg. mIoU 25.8 / 37.5 / 41.1 / 39.4%, FSD 8.17 / 2.86 / 1.68 / 1.78, PSNR 20.3 / 19.4 / 19.2 / 18.8 dB and SSIM
+    0.51 / 0.46 / 0.44 / 0.40 (sand, road and grass, told by their dots, stripes and noise, go from 2 / 11 / 32% IoU
+    to 65 / 50 / 67% at weight 2), with the discriminator's held-out gap at +7.4 / +5.9 / +5.9 / +5.5, so 4
+    (benchmarks/results/issue15_texture_cpu/). The paper-size configs keep the paper's
     architecture (mirrored conv decoder, concat z_s, no patch input, no swap, no texture term), uniform restarts and
     the default memory format."""
     return Stage1Config(

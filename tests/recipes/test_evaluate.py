@@ -16,7 +16,7 @@ from svq_fast.data.make_shards import write_synthetic
 from svq_fast.eval.image_metrics import quantize_uint8, ssim
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.eval.ranks import eval_loader, my_batches, split_contiguous
-from svq_fast.export import export_model, load_segmenter, load_stage1
+from svq_fast.export import export_model, load_segmenter, load_stage1, weights_sha256
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.svq import SVQModel
 
@@ -205,7 +205,7 @@ def test_train_segmenter_output(assets):
         model(torch.zeros(1, 3, 30, 30))
 
 
-def test_train_segmenter_channels_last_matches_the_default_layout(assets, tmp_path):
+def test_train_segmenter_is_reproducible_and_channels_last_matches_the_default_layout(assets, tmp_path):
     # the layout is a speed option: same data, same seed -> the same model up to float reassociation, and the
     # export is written in the default layout (safetensors refuses non-contiguous tensors). Compared on outputs:
     # a conv bias in front of a GroupNorm has a gradient of pure rounding noise, whose sign Adam's first steps follow
@@ -213,6 +213,9 @@ def test_train_segmenter_channels_last_matches_the_default_layout(assets, tmp_pa
     common += ["--batch-size", "4", "--width", "8", "--levels", "2", "--val-samples", "4"]
     assert train_segmenter.main(["--out", str(tmp_path / "nchw"), *common]) == 0
     assert train_segmenter.main(["--out", str(tmp_path / "nhwc"), *common, "--channels-last"]) == 0
+    # the committed instrument's README promises a bit-for-bit reproduction: the same command, the same weights
+    assert train_segmenter.main(["--out", str(tmp_path / "nhwc_again"), *common, "--channels-last"]) == 0
+    assert weights_sha256(str(tmp_path / "nhwc")) == weights_sha256(str(tmp_path / "nhwc_again"))
     a, _ = load_segmenter(str(tmp_path / "nchw"))
     b, _ = load_segmenter(str(tmp_path / "nhwc"))
     x = torch.rand(2, 3, 64, 64) * 2 - 1

@@ -221,9 +221,14 @@ def test_bf16_is_autocast_over_fp32_weights_with_fp32_outputs():
 
 def test_default_options_leave_the_module_untouched():
     cfg, m = _tiny_svq()
+    cfg.model.channels_last = False  # the library default (the tiny config turns it on)
     prepare_module(m, cfg)
     assert not any(mod._forward_pre_hooks or mod._forward_hooks for mod in m.modules())
     assert "forward" not in vars(m)
+    n_convs = sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules())
+    cfg.model.channels_last = True
+    prepare_module(m, cfg)
+    assert sum(bool(mod._forward_pre_hooks) for mod in m.modules()) == n_convs > 0  # one layout hook per conv
     assert deepspeed_config(Stage2Config(), 1) == __import__("svq_fast.config").config.to_deepspeed(Stage2Config(), 1)
 
 
