@@ -166,6 +166,21 @@ def print_checks(rows: list[tuple]) -> None:
         print(f"| synthetic {size}px png | 0 | {off:.0f} | {on:.0f} | {on / off:.3f}x |")
 
 
+def only_part(name: str, bench, show, tmp: str, n64: int, n256: int, out: str) -> int:
+    """One part of the benchmark alone (--checks-only, --streams-only): measure, print its table, save {machine,
+    name: rows} to `out` if given."""
+    try:
+        print(f"machine: {machine()}")
+        rows = bench(tmp, n64, n256)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    show(rows)
+    if out:
+        with open(out, "w") as f:
+            json.dump({"machine": machine(), name: rows}, f, indent=1)
+    return 0
+
+
 def colour_baselines(n_train: int, n_val: int) -> tuple[float, float]:
     def pixels(offset, n):
         xs, ys = zip(*(render_scene(SyntheticSpec(size=64), offset + i) for i in range(n)))
@@ -200,27 +215,9 @@ def main(argv=None) -> int:
     rows = []
     tmp = tempfile.mkdtemp(prefix="bench_data_")
     if args.checks_only:
-        try:
-            print(f"machine: {machine()}")
-            checks = bench_checks(tmp, n64, n256)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print_checks(checks)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"machine": machine(), "checks": checks}, f, indent=1)
-        return 0
+        return only_part("checks", bench_checks, print_checks, tmp, n64, n256, args.out)
     if args.streams_only:
-        try:
-            print(f"machine: {machine()}")
-            streams = bench_streams(tmp, n64, n256)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print_streams(streams)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"machine": machine(), "streams": streams}, f, indent=1)
-        return 0
+        return only_part("streams", bench_streams, print_streams, tmp, n64, n256, args.out)
     try:
         print(f"machine: {machine()}")
         shards = {}
