@@ -104,6 +104,12 @@ class LossConfig:
     # Exponent a of per-class semantic CE weights ~ (pixel frequency)^-a from the training shards' class histogram
     # (losses/class_balance.py); 0 = plain cross-entropy as in the paper, 0.5 = inverse-sqrt frequency.
     semantic_class_balance: float = 0.0
+    # The same exponent for per-pixel weights of the image terms (L1/L2 and texture; not the GAN term), by each
+    # pixel's class in the semantic map: mIoU counts a pole as much as the sky. Needs a model with the semantic
+    # branch (the map is its input). 0 = unweighted, as in the paper. On the tiny sVQGAN's demo recipe it hurt:
+    # reconstructions' seg. mIoU 33.9% at 0.5 and 36.5% at 1.0 against 41.7% unweighted (benchmarks/results/
+    # issue15_probes_cpu/), so the tiny configs keep it off.
+    image_class_balance: float = 0.0
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     perceptual_weight: float = 0.0  # LPIPS; needs lpips_vgg_path
@@ -376,8 +382,8 @@ _AT_LEAST_0 = (
     "model.num_res_blocks model.semantic_decoder_blocks quantizer.code_dim quantizer.restart_after data.num_workers "
     "data.shuffle_buffer optim.warmup_steps optim.weight_decay optim.grad_clip optim.disc_lr log.image_every "
     "run.save_every run.keep_last run.max_seconds quantizer.beta loss.semantic_weight loss.semantic_class_balance "
-    "loss.l1_weight loss.l2_weight loss.perceptual_weight loss.texture_weight loss.disc_weight loss.disc_start "
-    "loss.disc_warmup sample.top_k"
+    "loss.image_class_balance loss.l1_weight loss.l2_weight loss.perceptual_weight loss.texture_weight "
+    "loss.disc_weight loss.disc_start loss.disc_warmup sample.top_k"
 ).split()
 _PROBABILITY = (
     "model.dropout model.image_dropout model.latent_swap model.cfg_dropout quantizer.ema_decay data.max_bad_fraction"
@@ -442,6 +448,11 @@ def validate(cfg: Any) -> None:
         if cfg.loss.texture_weight and m.image_size % cfg.loss.texture_window:
             raise ConfigError(
                 f"loss.texture_window={cfg.loss.texture_window} does not divide model.image_size={m.image_size}"
+            )
+        if cfg.loss.image_class_balance and m.kind != "svq":
+            raise ConfigError(
+                f"loss.image_class_balance={cfg.loss.image_class_balance} weights pixels by their class in the "
+                f"semantic map, which model.kind={m.kind!r} does not take; use a model with the semantic branch or 0"
             )
         if cfg.loss.lecam_weight < 0 or not 0.0 <= cfg.loss.lecam_decay < 1.0:
             raise ConfigError("loss.lecam_weight must be >= 0 and loss.lecam_decay in [0, 1)")

@@ -6,6 +6,9 @@ w_c ~ f_c^-a (f_c its pixel frequency in the training shards; a = 0.5 is inverse
 sum_c f_c w_c = 1: the average pixel keeps weight 1 and the loss keeps plain cross-entropy's scale. Classes with no
 pixels in the training data never occur as targets; their weight is 0.
 
+The same weights can weight the image reconstruction per pixel (pixel_weights; LossConfig.image_class_balance):
+the image terms then spend the decoder's capacity on the small objects' textures as much as on the sky's.
+
 The counts come from the shards' index (svq_fast.data.index.class_pixel_counts); this file reads nothing.
 """
 
@@ -23,3 +26,12 @@ def balanced_class_weights(counts: torch.Tensor, power: float) -> torch.Tensor:
     weights = torch.zeros_like(freq)
     weights[present] = freq[present].pow(-power)
     return (weights / (freq * weights).sum()).float()
+
+
+def pixel_weights(labels: torch.Tensor, class_weight: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(B, H, W) class ids -> (B, 1, H, W) float32 per-pixel weights class_weight[label]; ignore pixels (and ids
+    outside the table) weigh 1, like an average pixel."""
+    table = class_weight.to(labels.device, torch.float32)
+    known = (labels != ignore_index) & (labels >= 0) & (labels < table.numel())
+    weight = torch.where(known, table[labels.clamp(0, table.numel() - 1)], torch.ones((), device=labels.device))
+    return weight.unsqueeze(1)

@@ -6,19 +6,33 @@ import torch
 import torch.nn.functional as F
 
 
+def _mean(t: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of t (B, C, h, w), each position weighted by weight (B, 1, h, w) when given (weights average ~1)."""
+    return t.mean() if weight is None else (t * weight).mean()
+
+
 def reconstruction_loss(
-    x_hat: torch.Tensor, x: torch.Tensor, *, l1_weight: float = 1.0, l2_weight: float = 0.0
+    x_hat: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    l1_weight: float = 1.0,
+    l2_weight: float = 0.0,
+    pixel_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean L1 (+ L2) over pixels; x, x_hat (B, 3, H, W) in [-1, 1]."""
+    """Mean L1 (+ L2) over pixels; x, x_hat (B, 3, H, W) in [-1, 1]; pixel_weight (B, 1, H, W) or None
+    (class_balance.pixel_weights: the pixels of rare classes count more)."""
     diff = x_hat.float() - x.float()
-    loss = l1_weight * diff.abs().mean()
+    loss = l1_weight * _mean(diff.abs(), pixel_weight)
     if l2_weight:
-        loss = loss + l2_weight * diff.pow(2).mean()
+        loss = loss + l2_weight * _mean(diff.pow(2), pixel_weight)
     return loss
 
 
-def texture_loss(x_hat: torch.Tensor, x: torch.Tensor, window: int = 4) -> torch.Tensor:
-    """Mean L1 between the local texture energy of x_hat and of x; x, x_hat (B, 3, H, W) in [-1, 1].
+def texture_loss(
+    x_hat: torch.Tensor, x: torch.Tensor, window: int = 4, pixel_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean L1 between the local texture energy of x_hat and of x; x, x_hat (B, 3, H, W) in [-1, 1];
+    pixel_weight (B, 1, H, W) or None, averaged over each cell to weight it.
 
     Texture energy: |x - 3x3 box blur of x| (a high-pass, reflect-padded), averaged over window x window cells ->
     (B, 3, H / window, W / window). A blurred reconstruction of stripes, dots or checks has almost none of it, while
@@ -32,7 +46,8 @@ def texture_loss(x_hat: torch.Tensor, x: torch.Tensor, window: int = 4) -> torch
         blurred = F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="reflect"), 3, stride=1)
         return F.avg_pool2d((t - blurred).abs(), window)
 
-    return (energy(x_hat) - energy(x)).abs().mean()
+    cell_weight = None if pixel_weight is None else F.avg_pool2d(pixel_weight.float(), window)
+    return _mean((energy(x_hat) - energy(x)).abs(), cell_weight)
 
 
 def semantic_loss(

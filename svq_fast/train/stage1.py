@@ -22,7 +22,7 @@ from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards, make_loader
 from svq_fast.dist import all_reduce_mean, init_deepspeed, nonfinite_anywhere
 from svq_fast.eval.visualize import colorize, grid, to_unit
-from svq_fast.losses.class_balance import balanced_class_weights
+from svq_fast.losses.class_balance import balanced_class_weights, pixel_weights
 from svq_fast.losses.gan import adaptive_weight, discriminator_loss, generator_adv_loss, lecam_penalty
 from svq_fast.losses.perceptual import build_perceptual
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss, texture_loss
@@ -79,6 +79,7 @@ class Stage1(Stage):
         *,
         perceptual=None,
         class_weight: torch.Tensor | None = None,
+        image_class_weight: torch.Tensor | None = None,
         heldout: dict | None = None,
     ):
         super().__init__(engines, loader, PhaseTimer(dev))
@@ -88,6 +89,8 @@ class Stage1(Stage):
         self.dtype = autocast_dtype(cfg)
         self.perceptual = perceptual  # LPIPS module or None
         self.class_weight = None if class_weight is None else class_weight.to(dev)  # (C,) semantic CE weights
+        # (C,) per-class weights of the image terms' pixels (loss.image_class_balance), or None
+        self.image_class_weight = None if image_class_weight is None else image_class_weight.to(dev)
         # a fixed held-out batch (same on every rank) for the discriminator's health: real vs reconstruction logits
         self.heldout = heldout
         self.last: dict = {}  # the latest micro-batch's inputs and outputs, for the TensorBoard image grid
@@ -128,7 +131,7 @@ class Stage1(Stage):
         reported = torch.zeros((), device=self.dev)
         logs: dict[str, float] = {}
         if m.has_image:
-            surrogate, image_loss, logs_x = self.image_terms(out, x, step)
+            surrogate, image_loss, logs_x = self.image_terms(out, x, s, step)
             loss = loss + surrogate + out["vq_loss_x"]
             reported = reported + image_loss.detach() + out["vq_loss_x"].detach()
             logs.update(logs_x, vq_x=out["vq_loss_x"].item(), perplexity_x=out["perplexity_x"].item())
@@ -140,7 +143,7 @@ class Stage1(Stage):
             logs.update(logs_s)
         return loss, reported, logs
 
-    def image_terms(self, out: dict, x: torch.Tensor, step: int):
+    def image_terms(self, out: dict, x: torch.Tensor, s: torch.Tensor | None, step: int):
         """-> (surrogate carrying d(image loss)/d x_hat into the graph, image loss, named scalars).
 
         The image terms are evaluated on a detached leaf copy of x_hat and their gradient is injected into the
@@ -150,7 +153,10 @@ class Stage1(Stage):
         cfg = self.cfg.loss
         x_hat = out["x_hat"]
         leaf = x_hat.detach().requires_grad_(True)
-        rec = reconstruction_loss(leaf, x, l1_weight=cfg.l1_weight, l2_weight=cfg.l2_weight)
+        weight = None  # (B, 1, H, W): each pixel by its class in the map, or unweighted
+        if self.image_class_weight is not None:
+            weight = pixel_weights(s, self.image_class_weight, self.cfg.model.ignore_index)
+        rec = reconstruction_loss(leaf, x, l1_weight=cfg.l1_weight, l2_weight=cfg.l2_weight, pixel_weight=weight)
         logs = {"rec": rec.item()}
         nll = rec
         if self.perceptual is not None:
@@ -158,7 +164,7 @@ class Stage1(Stage):
             nll = nll + cfg.perceptual_weight * p_loss
             logs["lpips"] = p_loss.item()
         if cfg.texture_weight:
-            t_loss = texture_loss(leaf, x, cfg.texture_window)
+            t_loss = texture_loss(leaf, x, cfg.texture_window, pixel_weight=weight)
             nll = nll + cfg.texture_weight * t_loss
             logs["texture"] = t_loss.item()
         image_loss = nll
@@ -250,20 +256,30 @@ class Stage1(Stage):
         return {"disc_heldout_real": real, "disc_heldout_recon": fake, "disc_heldout_gap": real - fake}
 
 
-def semantic_class_weights(cfg: Stage1Config, model: SVQModel, shards: list[str], rank: int) -> torch.Tensor | None:
-    """(C,) weights of the semantic cross-entropy from the training shards' class histogram, or None (plain CE)."""
-    if not (model.has_semantic and cfg.loss.semantic_class_balance > 0):
-        return None
+def class_weights(cfg: Stage1Config, model: SVQModel, shards: list[str], rank: int):
+    """-> ((C,) weights of the semantic cross-entropy or None, (C,) weights of the image terms' pixels or None),
+    both from the training shards' class histogram (read once, only when some balance is on)."""
+    wanted = {
+        "semantic cross-entropy": model.has_semantic and cfg.loss.semantic_class_balance,
+        "image reconstruction": model.has_semantic and model.has_image and cfg.loss.image_class_balance,
+    }
+    if not any(wanted.values()):
+        return None, None
     counts = class_pixel_counts(shards, cfg.model.num_classes, cfg.model.ignore_index)
-    weights = balanced_class_weights(counts, cfg.loss.semantic_class_balance)
-    if rank == 0:
-        used = weights[weights > 0]
-        print(
-            f"semantic cross-entropy class weights (balance {cfg.loss.semantic_class_balance}): "
-            f"{used.min():.3f}..{used.max():.3f} over {len(used)} classes with pixels",
-            flush=True,
-        )
-    return weights
+    weights = {}
+    for what, power in wanted.items():
+        if not power:
+            weights[what] = None
+            continue
+        weights[what] = w = balanced_class_weights(counts, power)
+        if rank == 0:
+            used = w[w > 0]
+            print(
+                f"{what} class weights (balance {power}): {used.min():.3f}..{used.max():.3f} over {len(used)} "
+                "classes with pixels",
+                flush=True,
+            )
+    return weights["semantic cross-entropy"], weights["image reconstruction"]
 
 
 def train_stage1(cfg: Stage1Config, after_step=()) -> dict:
@@ -277,7 +293,7 @@ def train_stage1(cfg: Stage1Config, after_step=()) -> dict:
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = SVQModel(cfg.model, cfg.quantizer)
     shards = shards_or_synthetic(cfg.data, "train", rank)  # once: class weights and the loader read the same list
-    class_weight = semantic_class_weights(cfg, model, shards, rank)
+    class_weight, image_class_weight = class_weights(cfg, model, shards, rank)
     if model.has_semantic:
         model.set_semantic_class_weight(class_weight)  # saved with the model: semantic_labels undoes the weights
     engines = {"generator": build_engine(model, cfg, world_size=world)[0]}
@@ -290,7 +306,7 @@ def train_stage1(cfg: Stage1Config, after_step=()) -> dict:
                           num_classes=cfg.model.num_classes, ignore_index=cfg.model.ignore_index,
                           window=cfg.log.every * cfg.optim.grad_accum)  # fmt: skip
     stage = Stage1(cfg, engines, loader, dev, perceptual=None if perceptual is None else perceptual.to(dev),
-                   class_weight=class_weight, heldout=heldout)  # fmt: skip
+                   class_weight=class_weight, image_class_weight=image_class_weight, heldout=heldout)  # fmt: skip
     stage.flops_per_sample = stage1_flops_per_sample(cfg, dev)
     return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir, after_step=after_step)
 

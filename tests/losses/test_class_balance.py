@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards
 from svq_fast.data.make_shards import write_synthetic
-from svq_fast.losses.class_balance import balanced_class_weights
-from svq_fast.losses.reconstruction import semantic_loss
+from svq_fast.config import ConfigError, apply_overrides
+from svq_fast.losses.class_balance import balanced_class_weights, pixel_weights
+from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss, texture_loss
 from svq_fast.models.svq import SVQModel
 from svq_fast.named_configs import get_config
 from svq_fast.train.data import shards_or_synthetic
-from svq_fast.train.stage1 import semantic_class_weights
+from svq_fast.train.stage1 import Stage1, class_weights
 
 
 def _write_index(shard_dir, histogram):
@@ -85,10 +86,71 @@ def test_stage1_weights_come_from_the_configured_training_shards(tmp_path):
     model = SVQModel(cfg.model, cfg.quantizer)
     shards = shards_or_synthetic(cfg.data, "train", rank=0)
     counts = class_pixel_counts(list_shards(str(tmp_path)), 16)
-    torch.testing.assert_close(semantic_class_weights(cfg, model, shards, rank=0), balanced_class_weights(counts, 0.5))
-    cfg.loss.semantic_class_balance = 0.0
-    assert semantic_class_weights(cfg, model, shards, rank=0) is None
+    semantic, image = class_weights(cfg, model, shards, rank=0)
+    torch.testing.assert_close(semantic, balanced_class_weights(counts, 0.5))
+    assert image is None
+    cfg.loss.semantic_class_balance, cfg.loss.image_class_balance = 0.0, 1.0
+    semantic, image = class_weights(cfg, model, shards, rank=0)
+    assert semantic is None
+    torch.testing.assert_close(image, balanced_class_weights(counts, 1.0))
     image_only = get_config("vqgan_tiny")
     image_only.loss.semantic_class_balance = 0.5
     image_model = SVQModel(image_only.model, image_only.quantizer)
-    assert semantic_class_weights(image_only, image_model, shards, rank=0) is None
+    assert class_weights(image_only, image_model, shards, rank=0) == (None, None)
+
+
+def test_pixel_weights_look_up_each_pixels_class_and_give_ignore_pixels_one():
+    labels = torch.tensor([[[0, 1], [2, 255]]])  # (1, 2, 2)
+    w = pixel_weights(labels, torch.tensor([0.5, 2.0, 8.0]), ignore_index=255)
+    assert w.shape == (1, 1, 2, 2)
+    assert w.flatten().tolist() == [0.5, 2.0, 8.0, 1.0]
+
+
+def test_weighted_image_terms_count_a_rare_class_error_more():
+    """The same error costs more on a pixel of a heavily weighted class; uniform weights change nothing."""
+    x = torch.zeros(1, 3, 8, 8)
+    x_hat = torch.zeros(1, 3, 8, 8)
+    x_hat[..., 0:3:2, 0:3:2] = 0.5  # a few dots: error and texture energy (3x3 high-pass) only in the top-left cell
+    weight = torch.ones(1, 1, 8, 8)
+    for loss in (lambda w: reconstruction_loss(x_hat, x, pixel_weight=w), lambda w: texture_loss(x_hat, x, 4, w)):
+        torch.testing.assert_close(loss(weight), loss(None))
+        rare = weight.clone()
+        rare[..., :4, :4] = 3.0
+        assert loss(rare) > 2.5 * loss(None)
+        common = weight.clone()
+        common[..., 4:, 4:] = 3.0  # weight where there is no error
+        torch.testing.assert_close(loss(common), loss(None))
+
+
+def test_stage1_weights_the_image_terms_by_the_map_only_when_asked():
+    torch.manual_seed(0)
+    cfg = get_config("svqgan_tiny")
+    cfg.model.ch, cfg.loss.gan = 16, False
+    stage = Stage1.__new__(Stage1)  # only image_terms: no engines, loader or discriminator needed
+    stage.cfg, stage.model, stage.perceptual, stage.disc = cfg, SVQModel(cfg.model, cfg.quantizer), None, None
+    stage.dev, stage.image_class_weight = torch.device("cpu"), None
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = {"x_hat": torch.tanh(torch.randn(2, 3, 64, 64))}
+    s = torch.zeros(2, 64, 64, dtype=torch.long)
+    s[:, :8] = 1  # class 1: the top eighth of every image
+    _, plain, _ = stage.image_terms(out, x, s, step=0)
+    stage.image_class_weight = torch.ones(16)
+    _, uniform, _ = stage.image_terms(out, x, s, step=0)
+    assert uniform.item() == pytest.approx(plain.item(), rel=1e-6)
+    out["x_hat"] = out["x_hat"].clone()
+    out["x_hat"][:, :, :8] = x[:, :, :8]  # perfect on class 1: its weight cannot move the pixel loss
+    _, _, before = stage.image_terms(out, x, s, step=0)
+    stage.image_class_weight[1] = 5.0
+    _, _, rare_up = stage.image_terms(out, x, s, step=0)
+    assert rare_up["rec"] == pytest.approx(before["rec"], rel=1e-6)
+    stage.image_class_weight[0] = 2.0  # every error is on class 0's pixels: the pixel loss doubles
+    _, _, common_up = stage.image_terms(out, x, s, step=0)
+    assert common_up["rec"] == pytest.approx(2 * before["rec"], rel=1e-6)
+
+
+def test_image_class_balance_needs_the_semantic_branch():
+    assert apply_overrides(get_config("svqgan_tiny"), ["--loss.image_class_balance=0.5"]).loss.image_class_balance
+    with pytest.raises(ConfigError, match=r"loss.image_class_balance=0.5.*model.kind='image'"):
+        apply_overrides(get_config("vqgan_tiny"), ["--loss.image_class_balance=0.5"])
+    with pytest.raises(ConfigError, match="loss.image_class_balance"):
+        apply_overrides(get_config("svqgan_tiny"), ["--loss.image_class_balance=-1"])

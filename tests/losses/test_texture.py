@@ -52,12 +52,13 @@ def test_stage1_adds_the_weighted_term_to_the_image_loss():
     model = SVQModel(cfg.model, cfg.quantizer)
     stage = Stage1.__new__(Stage1)  # only image_terms: no engines, loader or discriminator needed
     stage.cfg, stage.model, stage.perceptual, stage.disc, stage.dev = cfg, model, None, None, torch.device("cpu")
+    stage.image_class_weight = None
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     out = {"x_hat": torch.tanh(torch.randn(2, 3, 64, 64)).requires_grad_(True)}
-    _, plain, logs = stage.image_terms(out, x, step=0)
+    _, plain, logs = stage.image_terms(out, x, None, step=0)
     assert "texture" not in logs
     cfg.loss.texture_weight = 2.0
-    _, with_texture, logs = stage.image_terms(out, x, step=0)
+    _, with_texture, logs = stage.image_terms(out, x, None, step=0)
     expected = logs["rec"] + 2.0 * texture_loss(out["x_hat"], x).item()
     assert logs["texture"] > 0 and with_texture.item() == pytest.approx(expected, rel=1e-5)
     assert with_texture.item() == pytest.approx(plain.item() + 2.0 * logs["texture"], rel=1e-5)
