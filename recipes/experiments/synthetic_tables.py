@@ -1,7 +1,7 @@
 """The paper's experiment on the synthetic benchmark (64x64, 16 classes): Tables 1-3 for tiny models.
 
     python recipes/experiments/synthetic_tables.py --out runs/synthetic_tables --seeds 0
-    python recipes/experiments/synthetic_tables.py --out runs/synthetic_tables --seeds 0,1,2 --stage1-steps 600
+    python recipes/experiments/synthetic_tables.py --out runs/synthetic_tables --seeds 0,1,2 --stage1-steps 960
 
 Per seed it trains, with the same budgets:
   stage 1: vqvae, vqgan (image only), semantic_vqvae (the separate conditioner), svqvae, svqgan (lambda 0.1),
@@ -252,12 +252,26 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tiny_defaults() -> tuple[int, int, int]:
+    """(stage-1 steps, stage-2 steps, sampling top-k) of the tiny configs, the experiment's default budgets: the
+    configs own these numbers, the demo runs them."""
+    from svq_fast.named_configs import get_config
+
+    stage1, stage2 = get_config("svqgan_tiny"), get_config("gpt_tiny")
+    return stage1.optim.max_steps, stage2.optim.max_steps, stage2.sample.top_k
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/synthetic_tables")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--stage1-steps", type=int, default=400)
-    p.add_argument("--stage2-steps", type=int, default=400)
+    p.add_argument(
+        "--stage1-steps",
+        type=int,
+        default=None,
+        help="default: svqgan_tiny's optim.max_steps (the GAN's disc_start / disc_warmup stay the config's)",
+    )
+    p.add_argument("--stage2-steps", type=int, default=None, help="default: gpt_tiny's optim.max_steps")
     p.add_argument(
         "--segmenter",
         default=COMMITTED_SEGMENTER,
@@ -266,10 +280,14 @@ def main(argv=None) -> int:
     p.add_argument("--segmenter-steps", type=int, default=1000, help="with --segmenter train")
     p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--eval-samples", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--top-k", type=int, default=None, help="default: gpt_tiny's sample.top_k")
     p.add_argument("--machine", default="a 2-core CPU machine")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    stage1_steps, stage2_steps, top_k = tiny_defaults()
+    args.stage1_steps = stage1_steps if args.stage1_steps is None else args.stage1_steps
+    args.stage2_steps = stage2_steps if args.stage2_steps is None else args.stage2_steps
+    args.top_k = top_k if args.top_k is None else args.top_k
     os.makedirs(args.out, exist_ok=True)
     data = os.path.join(args.out, "data")
     t0 = time.perf_counter()

@@ -43,3 +43,10 @@ def test_single_seed_cells_have_no_spread():
     text = st.report([_seed_results(0.0)], args, {}, 60.0)
     tables = text.split("## Table 1")[1].split("## Samples")[0]
     assert "| vqvae | 0.5000 | 20.00 | 3.000 |" in tables and "±" not in tables
+
+
+def test_default_budgets_are_the_tiny_configs_own():
+    from svq_fast.named_configs import get_config
+
+    stage1, stage2 = get_config("svqgan_tiny"), get_config("gpt_tiny")
+    assert st.tiny_defaults() == (stage1.optim.max_steps, stage2.optim.max_steps, stage2.sample.top_k)
