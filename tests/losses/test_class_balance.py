@@ -1,4 +1,4 @@
-"""Class-balanced semantic cross-entropy: weights from the shards' class histogram, and the weighted loss."""
+"""Class balance: weights from the class histogram, the weighted semantic CE and the image terms' pixel weights."""
 
 import json
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from svq_fast.config import ConfigError, apply_overrides
 from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards
 from svq_fast.data.make_shards import write_synthetic
-from svq_fast.config import ConfigError, apply_overrides
 from svq_fast.losses.class_balance import balanced_class_weights, pixel_weights
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss, texture_loss
 from svq_fast.models.svq import SVQModel
