@@ -165,6 +165,74 @@ def _cell(values: list, scale: float = 1.0, digits: int = 3) -> str:
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
+# (coupled, separate) pairs of Table 1 and the metrics compared, with the direction that is better
+PAIRS = (("sVQGAN-T", "VQGAN-T"), ("sVQVAE-T", "VQVAE-T"))
+COMPARED = (("segmenter_miou_generated", "seg. mIoU (%)", 100.0, 2, "higher"), ("fsd", "FSD", 1.0, 3, "lower"),
+            ("ssim", "SSIM", 1.0, 4, "higher"))  # fmt: skip
+
+
+def coupled_vs_separate(per_seed: list[dict]) -> list[str]:
+    """Each coupled model against its separate baseline on Table 1's metrics: the difference of the means, and
+    whether it exceeds the seed spread (|difference| > the sum of the two standard deviations over seeds)."""
+    n = len(per_seed)
+    lines = [
+        "## Coupled vs separate (Table 1)",
+        "",
+        f"Difference of the means over {n} seed(s); it exceeds the seed spread when |difference| is larger than the "
+        "two models' standard deviations over seeds added together (needs >= 2 seeds).",
+        "",
+        "| comparison | metric | coupled | separate | difference | better | exceeds the seed spread |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for coupled, separate in PAIRS:
+        for key, label, scale, digits, better in COMPARED:
+            a = [v * scale for r in per_seed if _num(v := r["stage2"][coupled].get(key)) is not None]
+            b = [v * scale for r in per_seed if _num(v := r["stage2"][separate].get(key)) is not None]
+            if not a or not b:
+                continue
+            diff = statistics.mean(a) - statistics.mean(b)
+            wins = coupled if (diff > 0) == (better == "higher") and diff != 0 else separate if diff else "neither"
+            if len(a) < 2 or len(b) < 2:
+                spread = "n/a (one seed)"
+            else:
+                spread = "yes" if abs(diff) > statistics.stdev(a) + statistics.stdev(b) else "no"
+            lines.append(
+                f"| {coupled} vs {separate} | {label} ({better} is better) | {_cell(a, 1, digits)} | "
+                f"{_cell(b, 1, digits)} | {diff:+.{digits}f} | {wins} | {spread} |"
+            )
+    return [*lines, ""]
+
+
+def diagnostics_table(per_seed: list[dict]) -> list[str]:
+    """One table over Table 1's models: each diagnostic row's seg. mIoU (svq_fast/eval/diagnostics.py; mean ± std
+    over seeds) and the bits per image token the condition gives the GPT."""
+
+    def diag(r: dict, model: str) -> dict:
+        return r["stage2"][model].get("diagnostics") or {}
+
+    names: list[str] = []
+    for r in per_seed:
+        for model in STAGE2:
+            names += [row["images"] for row in diag(r, model).get("rows", []) if row["images"] not in names]
+    if not names:
+        return []
+    lines = [
+        "## Where the semantics get lost (seg. mIoU %, every column scored against the conditioning map)",
+        "",
+        "| model | " + " | ".join(names) + " | condition's bits per image token |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for model in STAGE2:
+        cells = []
+        for name in names:
+            values = [next((row["seg_miou"] for row in diag(r, model).get("rows", []) if row["images"] == name), None)
+                      for r in per_seed]  # fmt: skip
+            cells.append(_cell(values, 100, 2))
+        gaps = [diag(r, model).get("nll_bits_per_token", {}).get("gap") for r in per_seed]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {_cell(gaps, 1, 3)} |")
+    return [*lines, ""]
+
+
 def timings_of(timings: dict, seeds: list[int]) -> dict:
     """The parts that belong to this report: the shared segmenter and the requested seeds' runs."""
     wanted = {f"seed{s}" for s in seeds}
@@ -229,8 +297,8 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
             f"{_cell(col('stage1', m, 'semantic_pixel_acc'), 100, 2)} | "
             f"{_cell(col('stage1', m, 'semantic_miou_map_only'), 100, 2)} |"
         )
+    lines += ["", *coupled_vs_separate(per_seed), *diagnostics_table(per_seed)]
     lines += [
-        "",
         "## Samples (Figure 3 layout)",
         "",
         "Rows: semantic map | reference | three samples.",

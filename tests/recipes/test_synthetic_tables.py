@@ -50,3 +50,40 @@ def test_default_budgets_are_the_tiny_configs_own():
 
     stage1, stage2 = get_config("svqgan_tiny"), get_config("gpt_tiny")
     assert st.tiny_defaults() == (stage1.optim.max_steps, stage2.optim.max_steps, stage2.sample.top_k)
+
+
+def _with_stage2(result: dict, model: str, seg: float, fsd: float) -> dict:
+    result["stage2"][model].update(segmenter_miou_generated=seg, fsd=fsd)
+    result["stage2"][model]["diagnostics"] = {
+        "rows": [{"images": "real images", "seg_miou": 0.8, "fsd": 0.0}, {"images": "GPT samples", "seg_miou": seg}],
+        "nll_bits_per_token": {"gap": 0.2 + seg},
+    }
+    return result
+
+
+def test_coupled_vs_separate_says_which_differences_exceed_the_seed_spread():
+    seeds = [_seed_results(0.0), _seed_results(0.0)]
+    for r, jitter in zip(seeds, (0.0, 0.01)):
+        _with_stage2(r, "sVQGAN-T", 0.40 + jitter, 3.0 + jitter)  # far above VQGAN-T: beyond the spread
+        _with_stage2(r, "VQGAN-T", 0.10 + jitter, 3.1 - jitter)  # FSD: means 0.09 apart, spread 0.007 + 0.007
+        _with_stage2(r, "sVQVAE-T", 0.205 + 2 * jitter, 5.0)
+        _with_stage2(r, "VQVAE-T", 0.21, 5.0)  # seg. mIoU 0.21 vs 0.205-0.225: within the spread
+    rows = {line.split(" | ")[0] + "/" + line.split(" | ")[1]: line for line in st.coupled_vs_separate(seeds)
+            if line.startswith("| s")}  # fmt: skip
+    seg = "seg. mIoU (%) (higher is better)"
+    assert rows[f"| sVQGAN-T vs VQGAN-T/{seg}"].endswith("| +30.00 | sVQGAN-T | yes |")
+    assert rows["| sVQGAN-T vs VQGAN-T/FSD (lower is better)"].endswith("| -0.090 | sVQGAN-T | yes |")
+    assert rows[f"| sVQVAE-T vs VQVAE-T/{seg}"].endswith("| sVQVAE-T | no |")  # +0.50 points, spread 1.41
+    assert rows["| sVQVAE-T vs VQVAE-T/FSD (lower is better)"].endswith("| +0.000 | neither | no |")
+    one = st.coupled_vs_separate(seeds[:1])
+    assert all(line.endswith("| n/a (one seed) |") for line in one if line.startswith("| sVQ"))
+
+
+def test_diagnostics_table_has_one_row_per_model_and_the_condition_bits():
+    seeds = [_seed_results(0.0)]
+    for m in st.STAGE2:
+        _with_stage2(seeds[0], m, 0.3, 3.0)
+    lines = st.diagnostics_table(seeds)
+    assert lines[2] == "| model | real images | GPT samples | condition's bits per image token |"
+    assert "| sVQGAN-T | 80.00 | 30.00 | 0.500 |" in lines
+    assert st.diagnostics_table([_seed_results(0.0)]) == []  # no diagnostics recorded: no table
