@@ -76,8 +76,9 @@ def svqgan_tiny() -> Stage1Config:
     artifact the old settings showed), so 0.1. Steps matter most: 600 steps at disc_weight 0.1 reach 7.89 / 27.8% /
     20.1 dB (STAGE1_STEPS=600 with --optim.max_steps=600 --loss.disc_start=300 --loss.disc_warmup=250).
 
-    Channels-last (`channels_last`: 1.18-1.24x per stage-1 step on 2 CPU ranks, benchmarks/results/
-    issue20_step_table_cpu/) pays for 480 steps in the time of 400, with the GAN's schedule scaled to disc_start 240
+    Channels-last (`channels_last`: 1.05x per stage-1 step on 2 CPU ranks alone on the machine, 1.18-1.24x in
+    shared-machine runs, benchmarks/results/issue20_step_table_cpu/) and 480 steps instead of 400 (the demo's stage 1:
+    404 s against 360 s), with the GAN's schedule scaled to disc_start 240
     after 204 discriminator-only steps: reconstructions' seg. mIoU 25.8% against 21.9%, FSD 8.17 against 8.58, PSNR
     20.3 dB either way (same 67%-mIoU instrument, 128 held-out scenes). The texture term (`texture_weight`,
     losses/reconstruction.py: L1 on the local energy of a 3x3 high-pass, phase-free, no pretrained network) gives
