@@ -12,10 +12,9 @@ STAGE1_STEPS=${STAGE1_STEPS:-480}
 STAGE2_STEPS=${STAGE2_STEPS:-300}
 SEGMENTER=${SEGMENTER:-svq_fast/eval/assets/segmenter_synthetic64}
 EVAL_SAMPLES=${EVAL_SAMPLES:-128}
-# top-k 20 measured on this demo's exports (128 held-out scenes): GPT samples 38.3% seg. mIoU / FSD 3.74, against
-# 35.4% / 4.15 at top-k 100, 37.8% / 4.06 at 10, 37.5% / 4.44 at 5, 36.8% / 3.76 at top-k 100 with temperature 0.8
-# (chosen on the maps it is scored on; top-k 5 with guidance 3, 39.3% / 2.86, is the next candidate)
-TOP_K=${TOP_K:-20}
+# Sampling settings come from the GPT export (gpt_tiny's sample config: top-k 20, measured there); TOP_K=N overrides
+# top-k for both the samples and the evaluation.
+top_k=(${TOP_K:+--top-k "$TOP_K"})
 DATA=${DEMO_DATA:-$DEMO_DIR/data}
 mkdir -p "$DEMO_DIR"
 timings="$DEMO_DIR/timings.json"
@@ -41,7 +40,7 @@ T[stage2]=$((SECONDS - start))
 
 start=$SECONDS
 python recipes/sample.py --gpt "$DEMO_DIR/stage2/export" --out "$DEMO_DIR/samples" --num-maps 6 --samples-per-map 3 \
-  --top-k "$TOP_K"
+  "${top_k[@]}"
 T[sample]=$((SECONDS - start))
 
 # the synthetic experiment's measurements for this run's models: a segmenter trained on real scenes scores how well
@@ -49,7 +48,7 @@ T[sample]=$((SECONDS - start))
 start=$SECONDS
 evaluate=(python recipes/evaluate.py --segmenter "$SEGMENTER" --max-samples "$EVAL_SAMPLES" --cpu --stats-cache none)
 "${evaluate[@]}" --mode stage1 --stage1 "$DEMO_DIR/stage1/export" --out "$DEMO_DIR/eval/stage1" --name sVQGAN
-"${evaluate[@]}" --mode stage2 --gpt "$DEMO_DIR/stage2/export" --out "$DEMO_DIR/eval/stage2" --name sVQGAN-T --top-k "$TOP_K"
+"${evaluate[@]}" --mode stage2 --gpt "$DEMO_DIR/stage2/export" --out "$DEMO_DIR/eval/stage2" --name sVQGAN-T "${top_k[@]}"
 T[evaluate]=$((SECONDS - start))
 
 printf '{' > "$timings"; sep=""
