@@ -48,14 +48,19 @@ def _frozen(module: torch.nn.Module):
 
 
 def generator_adv_logits(disc_engine, x_hat: torch.Tensor) -> torch.Tensor:
-    """Discriminator logits on x_hat with gradient to x_hat only, never to the discriminator's weights."""
+    """Discriminator logits on x_hat with gradient to x_hat only, never to the discriminator's weights. The module is
+    called around the engine (whose forward would start DeepSpeed's hooks), so the engine's bf16 autocast is entered
+    here: the generator's adversarial pass runs in the same precision as the discriminator's own steps."""
     module = disc_engine.module
-    if disc_engine.zero_optimization_stage() == 3:
-        with _frozen(module):
-            return module(x_hat)
-    params = {k: v.detach() for k, v in module.named_parameters()}
-    buffers = dict(module.named_buffers())
-    return functional_call(module, {**params, **buffers}, (x_hat,))
+    with torch.autocast(
+        x_hat.device.type, dtype=disc_engine.torch_autocast_dtype(), enabled=disc_engine.torch_autocast_enabled()
+    ):
+        if disc_engine.zero_optimization_stage() == 3:
+            with _frozen(module):
+                return module(x_hat)
+        params = {k: v.detach() for k, v in module.named_parameters()}
+        buffers = dict(module.named_buffers())
+        return functional_call(module, {**params, **buffers}, (x_hat,))
 
 
 def _weight_shape(param: torch.Tensor):

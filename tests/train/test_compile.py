@@ -219,6 +219,40 @@ def test_bf16_is_autocast_over_fp32_weights_with_fp32_outputs():
     assert out["vq_loss_x"].dtype == torch.float32 and torch.isfinite(_svq_loss(out))
 
 
+class _DiscEngine:
+    """What generator_adv_logits reads of a DeepSpeed engine: its module, ZeRO stage and autocast settings."""
+
+    def __init__(self, module, bf16: bool):
+        self.module, self.bf16 = module, bf16
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def torch_autocast_enabled(self):
+        return self.bf16
+
+    def torch_autocast_dtype(self):
+        return torch.bfloat16 if self.bf16 else None
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_generator_adversarial_pass_runs_in_the_engines_precision(bf16):
+    """The generator's adversarial logits call the discriminator module around its engine (gradient to x_hat only),
+    so the engine's bf16 autocast must be entered there too, as in the discriminator's own step."""
+    from svq_fast.train.stage1 import generator_adv_logits
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(ch=8, n_layers=2)
+    seen = []
+    disc.net[0].register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    x_hat = torch.rand(2, 3, 32, 32, requires_grad=True)
+    logits = generator_adv_logits(_DiscEngine(disc, bf16), x_hat)
+    assert seen == [torch.bfloat16 if bf16 else torch.float32]
+    logits.float().mean().backward()
+    assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0
+    assert all(p.grad is None for p in disc.parameters())  # the discriminator's weights get nothing
+
+
 def test_default_options_leave_the_module_untouched():
     cfg, m = _tiny_svq()
     cfg.model.channels_last = False  # the library default (the tiny config turns it on)
