@@ -6,6 +6,8 @@
 - JsonlWriter: appends one JSON row per measurement and flushes it at once, so a benchmark killed by the suite's
   timeout keeps every row it measured.
 - precision_note: the matmul precision settings that decide whether fp32 GEMMs use TF32 tensor cores.
+- bench_config: the config a training benchmark runs at its size (tiny, mid, paper), one owner for bench_train.py
+  and its plain-torch baseline bench_train_eager.py.
 """
 
 from __future__ import annotations
@@ -93,3 +95,37 @@ class JsonlWriter:
                 f.flush()
                 os.fsync(f.fileno())
         return row
+
+
+# The step table's mid size (issue 20): the tiny architectures at twice the width (the GPT also twice as deep), still
+# within a 2-core CPU's reach: a stage-1 training sample costs 19.0 GFLOP against the tiny 5.2 (3.6x), a stage-2 one
+# 26.1 against 4.2 (6.2x), by the stacks' own FLOP counters.
+MID_OVERRIDES = {
+    "stage1": [
+        "--model.ch=64",
+        "--model.z_channels=64",
+        "--model.semantic_z_channels=32",
+        "--model.semantic_decoder_width=256",
+        "--model.spade_hidden=64",
+        "--loss.disc_ch=32",
+    ],
+    "stage2": ["--model.n_layer=8", "--model.n_head=8", "--model.n_embd=256"],
+}
+
+
+def bench_config(recipe: str, *, paper: bool = False, mid: bool = False):
+    """-> the Stage1Config / Stage2Config a training benchmark measures: the paper-size configs, the tiny ones, or the
+    tiny ones at the mid size (run.name says which)."""
+    from svq_fast.config import apply_overrides
+    from svq_fast.named_configs import get_config
+
+    if paper and mid:
+        raise ValueError("choose one size: --paper or --mid")
+    if recipe not in MID_OVERRIDES:
+        raise ValueError(f"unknown recipe {recipe!r}: expected one of {sorted(MID_OVERRIDES)}")
+    base = {"stage1": "svqgan", "stage2": "gpt"}[recipe]
+    cfg = get_config(f"{base}_f16_256" if paper else f"{base}_tiny")
+    if mid:
+        cfg = apply_overrides(cfg, MID_OVERRIDES[recipe])
+        cfg.run.name = f"{base}_mid"
+    return cfg

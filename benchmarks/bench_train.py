@@ -16,6 +16,7 @@ The step's speed table (issue 20), every row a fresh process (so peak RSS, compi
 run's own) launched on --ranks CPU ranks, variants interleaved repeat by repeat, ratios to eager fp32:
 
     flock /tmp/svq_timing.lock python benchmarks/bench_train.py --table --ranks 2 --repeats 2
+    flock /tmp/svq_timing.lock python benchmarks/bench_train.py --table --ranks 2 --repeats 2 --mid   # mid size
 
     eager_fp32     the issue's baseline (DeepSpeed engine, fused ops, fp32, default memory format)
     compiled_fp32  --run.compile=true (inductor; fullgraph)
@@ -40,9 +41,9 @@ import tempfile
 import time
 
 import torch
+from bench_common import bench_config  # benchmarks/bench_common.py
 
 from svq_fast.config import apply_overrides
-from svq_fast.named_configs import get_config
 from svq_fast.train.stage1 import stage1_flops_per_sample, train_stage1
 from svq_fast.train.stage2 import gpt_flops_per_sample, train_stage2
 
@@ -84,12 +85,8 @@ def _compile_seconds(hist: list[dict], micro_batch: int, world: int, warmup: int
 
 
 def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | None) -> dict:
-    name = (
-        ("svqgan_f16_256" if args.paper else "svqgan_tiny")
-        if recipe == "stage1"
-        else ("gpt_f16_256" if args.paper else "gpt_tiny")
-    )
-    cfg = get_config(name)
+    cfg = bench_config(recipe, paper=args.paper, mid=args.mid)
+    name = cfg.run.name
     out_dir = os.path.join(workdir, f"{recipe}-{variant}")
     overrides = [
         f"--data.synthetic_default={os.path.join(workdir, 'data')}",
@@ -184,6 +181,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--paper", action="store_true", help="paper-size configs (GPU)")
+    p.add_argument("--mid", action="store_true", help="tiny configs at 2x width (bench_common.MID_OVERRIDES)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seconds", type=float, default=0.0, help="per-run time limit (0 = none)")
@@ -209,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
     if args.smoke:
-        args.paper, args.steps, args.warmup, args.seconds, args.micro_batch = False, 3, 1, 0.0, 2
+        args.paper, args.mid, args.steps, args.warmup, args.seconds, args.micro_batch = False, False, 3, 1, 0.0, 2
         args.samples, args.precision = 16, "fp32"
         args.variants = "eager_fp32,compiled_fp32,plain_fp32" if args.table else "fused"
         args.compile_backend = "aot_eager"
@@ -304,7 +302,11 @@ def _common_args(args) -> list[str]:
     out = [f"--device={args.device}", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seconds={args.seconds}",
            f"--micro-batch={args.micro_batch}", f"--samples={args.samples}",
            f"--compile-backend={args.compile_backend}"]  # fmt: skip
-    return out + (["--paper"] if args.paper else [])
+    return out + _size_args(args)
+
+
+def _size_args(args) -> list[str]:
+    return (["--paper"] if args.paper else []) + (["--mid"] if args.mid else [])
 
 
 def _port() -> int:
@@ -331,7 +333,7 @@ def _measure_isolated(recipe: str, variant: str, args, work: str, stage1_export:
         cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train_eager.py"), f"--recipes={recipe}",
                f"--precision={precision}", f"--device={args.device}", f"--steps={max(1, args.steps - args.warmup)}",
                f"--warmup={args.warmup}", f"--seconds={args.seconds}", f"--micro-batch={args.micro_batch * args.ranks}",
-               f"--row-out={row_out}"] + (["--paper"] if args.paper else [])  # fmt: skip
+               f"--row-out={row_out}"] + _size_args(args)  # fmt: skip
         _run_child(cmd, f"{recipe}/{variant}")
         with open(row_out) as f:
             row = json.load(f)

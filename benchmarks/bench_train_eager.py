@@ -23,13 +23,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_common import JsonlWriter, precision_note, sync, time_ms  # benchmarks/bench_common.py
+from bench_common import JsonlWriter, bench_config, precision_note, sync, time_ms  # benchmarks/bench_common.py
 
 from svq_fast.losses.gan import hinge_d_loss
 from svq_fast.losses.reconstruction import texture_loss
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
-from svq_fast.named_configs import get_config
 from svq_fast.nn.semantic_input import SemanticConv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +74,7 @@ def _run(step, seconds: float, steps: int, warmup: int, device: str) -> tuple[in
 def stage1(args, peak: float) -> dict:
     from svq_fast.train.stage1 import stage1_flops_per_sample
 
-    cfg = get_config("svqgan_f16_256" if args.paper else "svqgan_tiny")
+    cfg = bench_config("stage1", paper=args.paper, mid=args.mid)
     dev, b, size = args.device, args.micro_batch, cfg.model.image_size
     gen = _eager_svq(cfg).to(dev)
     disc = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers).to(dev)
@@ -122,7 +121,7 @@ def stage1(args, peak: float) -> dict:
 def stage2(args, peak: float) -> dict:
     from svq_fast.train.stage2 import gpt_flops_per_sample
 
-    cfg = get_config("gpt_f16_256" if args.paper else "gpt_tiny")
+    cfg = bench_config("stage2", paper=args.paper, mid=args.mid)
     dev, b = args.device, args.micro_batch
     model = SemanticGPT(dataclasses.replace(cfg.model, attn_backend="sdpa"), chunked_ce=False).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
@@ -149,6 +148,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--paper", action="store_true", help="paper-size configs (GPU)")
+    p.add_argument("--mid", action="store_true", help="tiny configs at 2x width (bench_common.MID_OVERRIDES)")
     p.add_argument("--recipes", default="stage1,stage2")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--row-out", default="", help="write the (last) row as JSON here (bench_train.py --table)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.paper, args.micro_batch, args.steps, args.warmup, args.seconds = False, 2, 2, 1, 0.0
+        args.paper, args.mid, args.micro_batch, args.steps, args.warmup, args.seconds = False, False, 2, 2, 1, 0.0
         args.precision = "fp32"
     peak = gemm_peak_tflops(args.device)
     print(f"bench_train_eager on {args.device}: GEMM peak {peak:.1f} TFLOP/s, {precision_note()}", flush=True)

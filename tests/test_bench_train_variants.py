@@ -33,3 +33,40 @@ def test_stage2_variants_parse_on_the_gpt_config():
             continue  # the table skips the layout rows for the GPT
         cfg = _config("stage2", variant)
         assert cfg.run.compile == ("compiled" in variant), variant
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_mid_size_is_the_tiny_architecture_wider_and_both_benchmarks_share_it(tmp_path):
+    import json
+
+    import bench_train_eager
+    import pytest
+    from bench_common import bench_config
+
+    from svq_fast.models.gpt import SemanticGPT
+    from svq_fast.models.svq import SVQModel
+
+    tiny1, mid1 = bench_config("stage1"), bench_config("stage1", mid=True)
+    tiny2, mid2 = bench_config("stage2"), bench_config("stage2", mid=True)
+    assert (mid1.run.name, mid2.run.name) == ("svqgan_mid", "gpt_mid")
+    # same architecture, only wider (stage 1) / wider and deeper (stage 2); the tiny configs are left as they are
+    assert mid1.model.image_decoder_semantic == tiny1.model.image_decoder_semantic == "spade"
+    assert (mid1.model.ch, tiny1.model.ch, get_config("svqgan_tiny").model.ch) == (64, 32, 32)
+    assert _params(SVQModel(mid1.model, mid1.quantizer)) > 3 * _params(SVQModel(tiny1.model, tiny1.quantizer))
+    assert _params(SemanticGPT(mid2.model)) > 4 * _params(SemanticGPT(tiny2.model))  # the embeddings grow 2x only
+    assert bench_config("stage1", paper=True).run.name == get_config("svqgan_f16_256").run.name
+    with pytest.raises(ValueError, match="one size"):
+        bench_config("stage1", paper=True, mid=True)
+    # the table's children (stack rows and the plain-torch baseline) are launched at the table's size
+    args = bench_train.argparse.Namespace(paper=False, mid=True)
+    assert bench_train._size_args(args) == ["--mid"]
+    row = tmp_path / "row.json"
+    argv = ["--mid", "--recipes=stage2", "--steps=1", "--warmup=0", "--micro-batch=1", "--precision=fp32"]
+    assert bench_train_eager.main([*argv, f"--row-out={row}"]) == 0
+    assert json.loads(row.read_text())["config"] == "gpt_mid"
+    for variant in bench_train.TABLE_VARIANTS.split(","):
+        if not variant.startswith("plain"):
+            apply_overrides(mid1, bench_train._variant_overrides("stage1", variant))
