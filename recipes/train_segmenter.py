@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from svq_fast.config import DataConfig
-from svq_fast.data.loader import list_shards, make_loader
+from svq_fast.data.loader import list_shards, make_loader, ordered_loader
 from svq_fast.data.synthetic import SYNTHETIC_VERSION
 from svq_fast.eval.metrics import confusion_update, per_class_stats
 from svq_fast.eval.miou import ConfusionMatrix
@@ -37,18 +37,7 @@ def evaluate_segmenter(
 ) -> ConfusionMatrix:
     """Confusion matrix of the model's predictions on `shards` (every sample once, center crops, no flips)."""
     model.eval()
-    loader = make_loader(
-        shards,
-        batch_size=batch_size,
-        image_size=image_size,
-        rank=0,
-        world_size=1,
-        resampled=False,
-        flip=False,
-        shuffle=False,
-        shuffle_buffer=batch_size,
-        crop="center",
-    )
+    loader = ordered_loader(shards, batch_size=batch_size, image_size=image_size)
     cm = ConfusionMatrix(model.cfg.num_classes, model.cfg.ignore_index)
     seen = 0
     for b, batch in enumerate(loader):

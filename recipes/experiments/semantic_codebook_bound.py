@@ -27,7 +27,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from svq_fast.data.loader import IGNORE, list_shards, make_loader, read_index
+from svq_fast.data.loader import IGNORE, list_shards, ordered_loader, read_index
 from svq_fast.eval.miou import ConfusionMatrix
 
 BLOCK_VALUES = 1 << 26  # gathered (patches, f*f, K) values per distance block: 256 MB of fp32
@@ -35,9 +35,7 @@ BLOCK_VALUES = 1 << 26  # gathered (patches, f*f, K) values per distance block: 
 
 def label_patches(shards: list[str], image_size: int, factor: int, max_images: int) -> torch.Tensor:
     """(N, factor*factor) uint8 label patches of the first max_images center-cropped maps, in shard order."""
-    loader = make_loader(
-        shards, batch_size=64, image_size=image_size, resampled=False, flip=False, crop="center", shuffle=False
-    )
+    loader = ordered_loader(shards, batch_size=64, image_size=image_size)
     out, seen = [], 0
     for batch in loader:
         labels = batch["label"][~batch["pad"]][: max_images - seen]  # (B, H, W)

@@ -179,7 +179,7 @@ class Synthesizer:
             return self._heldout
 
     def _read_heldout(self):
-        from svq_fast.data.loader import list_shards, make_loader
+        from svq_fast.data.loader import list_shards, ordered_loader
 
         if not self.shards:
             raise AppError("this run names no held-out shards (data.val_shards is empty): start the app with --shards")
@@ -187,17 +187,7 @@ class Synthesizer:
             shards = list_shards(self.shards)
         except FileNotFoundError as e:
             raise AppError(f"no held-out maps: {e} (pass --shards DIR)") from None
-        loader = make_loader(
-            shards,
-            batch_size=1,
-            image_size=self.size,
-            rank=0,
-            world_size=1,
-            resampled=False,
-            flip=False,
-            shuffle=False,
-            crop="center",
-        )
+        loader = ordered_loader(shards, batch_size=1, image_size=self.size)
         out = []
         for batch in loader:
             if bool(batch["pad"][0]):

@@ -140,6 +140,26 @@ def make_loader(
                        log_dir=log_dir, max_bad_fraction=max_bad_fraction, window=window)  # fmt: skip
 
 
+def ordered_loader(shards: list[str], *, batch_size: int, image_size: int, num_workers: int = 0, **kwargs):
+    """Every sample once, in shard-list order, center-cropped and unflipped, as one global sequence (world size 1,
+    whatever the process group): what evaluation, tokenization and held-out batches read. Read in blocks of one
+    batch (the order does not depend on it). `kwargs` go to make_loader (faults, ...)."""
+    return make_loader(
+        shards,
+        batch_size=batch_size,
+        image_size=image_size,
+        rank=0,
+        world_size=1,
+        num_workers=num_workers,
+        resampled=False,
+        flip=False,
+        shuffle=False,
+        shuffle_buffer=batch_size,
+        crop="center",
+        **kwargs,
+    )
+
+
 __all__ = [
     "IGNORE",
     "FaultPolicy",
@@ -154,4 +174,5 @@ __all__ = [
     "TooManyBadSamples",
     "check_label_ids",
     "make_loader",
+    "ordered_loader",
 ]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from svq_fast.data.index import MissingIndex, list_shards, read_index, shard_name
-from svq_fast.data.loader import make_loader
+from svq_fast.data.loader import ordered_loader
 from svq_fast.data.reader import FaultPolicy
 from svq_fast.data.shards import INDEX_NAME, ShardFormatError, write_tar
 from svq_fast.data.stream import ShardLoader, ShardStream
@@ -66,18 +66,7 @@ def tokenize_shard(
     Samples that could not be read (flagged pad by the loader) are left out; the count says how many were kept."""
     name = shard_name(shard)
     sem_dtype, img_dtype = token_dtype(semantic_vocab), token_dtype(image_vocab)
-    loader = make_loader(
-        [shard],
-        batch_size=batch_size,
-        image_size=image_size,
-        rank=0,
-        world_size=1,
-        resampled=False,
-        flip=False,
-        crop="center",
-        shuffle=False,
-        faults=faults,
-    )
+    loader = ordered_loader([shard], batch_size=batch_size, image_size=image_size, faults=faults)
     members = []
     for batch in loader:
         keep = ~batch["pad"]

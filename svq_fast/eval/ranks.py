@@ -6,24 +6,13 @@ from __future__ import annotations
 import torch
 
 from svq_fast import dist
-from svq_fast.data.loader import make_loader
+from svq_fast.data.loader import ordered_loader
 
 
 def eval_loader(shards: list[str], batch_size: int, num_workers: int, image_size: int):
     """Every held-out sample once, in shard-list order, center-cropped and unflipped, as one global sequence."""
-    return make_loader(
-        shards,
-        batch_size=batch_size,
-        image_size=image_size,
-        rank=0,
-        world_size=1,  # one global sequence; ranks take contiguous runs of its batches (split_between_processes)
-        num_workers=num_workers,
-        resampled=False,
-        flip=False,
-        shuffle=False,
-        shuffle_buffer=batch_size,
-        crop="center",
-    )
+    # one global sequence; ranks take contiguous runs of its batches (split_between_processes)
+    return ordered_loader(shards, batch_size=batch_size, image_size=image_size, num_workers=num_workers)
 
 
 def split_contiguous(items: list, rank: int, world: int) -> list:

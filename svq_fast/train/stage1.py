@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from svq_fast.config import Stage1Config
 from svq_fast.data.index import class_pixel_counts
-from svq_fast.data.loader import list_shards, make_loader
+from svq_fast.data.loader import list_shards, ordered_loader
 from svq_fast.dist import all_reduce_mean, init_deepspeed, nonfinite_anywhere
 from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.class_balance import balanced_class_weights, pixel_weights
@@ -321,16 +321,8 @@ def heldout_batch(cfg: Stage1Config) -> dict | None:
     discriminator's health; None without data.val_shards."""
     if not cfg.data.val_shards:
         return None
-    loader = make_loader(
-        list_shards(cfg.data.val_shards),
-        batch_size=cfg.optim.micro_batch,
-        image_size=cfg.model.image_size,
-        rank=0,
-        world_size=1,
-        resampled=False,
-        flip=False,
-        shuffle=False,
-        crop="center",
+    loader = ordered_loader(
+        list_shards(cfg.data.val_shards), batch_size=cfg.optim.micro_batch, image_size=cfg.model.image_size
     )
     return next(iter(loader))
 

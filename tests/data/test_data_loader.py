@@ -213,3 +213,22 @@ def test_blocks_cut_pieces_by_arithmetic():
     assert blocks[1] == [P(0, 4, 5), P(1, 0, 3)]
     assert list(plan.blocks(iter(pieces), 4, 3, 15)) == [[P(2, 6, 9)]]
     assert plan.locate(iter(pieces), 9) == P(2, 3, 9) and plan.locate(iter(pieces), 15) is None
+
+
+def test_ordered_loader_reads_every_sample_once_in_shard_order_whatever_the_process_group(tmp_path, fx, monkeypatch):
+    """What evaluation, tokenization and the held-out batches read: one global sequence in shard order, center crops,
+    no flips, on every rank alike."""
+    from svq_fast.data.loader import ordered_loader
+
+    shards = fx.write_shard_dir(str(tmp_path), COUNTS)
+    want = [f"s{k}_{i}" for k, c in enumerate(COUNTS) for i in range(c)]
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
+    runs = []
+    for batch_size in (1, 4):
+        batches = list(ordered_loader(shards, batch_size=batch_size, image_size=12))
+        keys = [k for b in batches for k, p in zip(b["key"], b["pad"].tolist()) if not p]
+        assert keys == want, batch_size
+        runs.append(torch.cat([b["image"][~b["pad"]] for b in batches]))
+    assert torch.equal(runs[0], runs[1])  # no random flip or crop: the images do not depend on the batching
