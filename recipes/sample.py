@@ -17,10 +17,10 @@ import sys
 import torch
 
 from svq_fast.data.loader import list_shards, make_loader
+from svq_fast.data.run_shards import shards_or_synthetic
 from svq_fast.eval.sampling import sample_images
 from svq_fast.eval.visualize import colorize, grid, save_png, to_unit
 from svq_fast.export import load_gpt, load_tokenizer
-from svq_fast.train.data import shards_or_synthetic
 
 
 def main(argv=None) -> int:

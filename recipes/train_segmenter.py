@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from svq_fast.config import DataConfig
 from svq_fast.data.loader import list_shards, make_loader, ordered_loader
+from svq_fast.data.run_shards import shards_or_synthetic
 from svq_fast.data.synthetic import SYNTHETIC_VERSION
 from svq_fast.eval.metrics import confusion_update, per_class_stats
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.export import export_segmenter
 from svq_fast.models.segmenter import Segmenter, SegmenterConfig
-from svq_fast.train.data import shards_or_synthetic
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Bump whenever rendering changes: cached shards are keyed by it (svq_fast.train.data.ensure_synthetic).
+# Bump whenever rendering changes: cached shards are keyed by it (svq_fast.data.run_shards.ensure_synthetic).
 SYNTHETIC_VERSION = 2
 
 # Shared colour materials. Classes draw each instance's colour from a few of these, and most materials are used

@@ -9,6 +9,7 @@ import os
 import torch
 
 from svq_fast.data.loader import list_shards
+from svq_fast.data.run_shards import shards_or_synthetic
 from svq_fast.eval.diagnostics import Diagnostics
 from svq_fast.eval.image_metrics import quantize_uint8
 from svq_fast.eval.metrics import CodebookUsage
@@ -16,7 +17,6 @@ from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.eval.sampling import sample_image_tokens
 from svq_fast.eval.scorer import Scorer
 from svq_fast.export import load_gpt, load_stage1, load_tokenizer
-from svq_fast.train.data import shards_or_synthetic
 
 
 class Stage1Task:

@@ -20,6 +20,7 @@ from torch.func import functional_call
 from svq_fast.config import Stage1Config
 from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards, ordered_loader
+from svq_fast.data.run_shards import shards_or_synthetic
 from svq_fast.dist import all_reduce_mean, init_deepspeed, nonfinite_anywhere
 from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.class_balance import balanced_class_weights, pixel_weights
@@ -28,7 +29,7 @@ from svq_fast.losses.perceptual import build_perceptual
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss, texture_loss
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
-from svq_fast.train.data import shards_or_synthetic, tensorboard_dir, train_loader
+from svq_fast.train.data import tensorboard_dir, train_loader
 from svq_fast.train.engine import autocast_dtype, build_engine, device
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops

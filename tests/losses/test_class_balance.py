@@ -10,11 +10,11 @@ from svq_fast.config import ConfigError, apply_overrides
 from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards
 from svq_fast.data.make_shards import write_synthetic
+from svq_fast.data.run_shards import shards_or_synthetic
 from svq_fast.losses.class_balance import balanced_class_weights, pixel_weights
 from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss, texture_loss
 from svq_fast.models.svq import SVQModel
 from svq_fast.named_configs import get_config
-from svq_fast.train.data import shards_or_synthetic
 from svq_fast.train.stage1 import Stage1, class_weights
 
 

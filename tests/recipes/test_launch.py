@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from svq_fast.data.index import class_pixel_counts
+from svq_fast.data.run_shards import shards_or_synthetic
 from svq_fast.export import load_gpt, load_stage1
 from svq_fast.losses.class_balance import balanced_class_weights
-from svq_fast.train.data import shards_or_synthetic
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
