@@ -23,6 +23,11 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=7860, help="0 = any free port (the address is printed)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for sampling (0 = torch's default)")
+    p.add_argument(
+        "--allow-stage1-mismatch",
+        action="store_true",
+        help="use a stage-1 export even if its weights differ from the ones the GPT was trained on",
+    )
     args = p.parse_args(argv)
 
     try:
@@ -37,7 +42,14 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sock = bind(args.host, args.port)
-    state = AppState(args.gpt, stage1=args.stage1, shards=args.shards, device=device, threads=args.threads)
+    state = AppState(
+        args.gpt,
+        stage1=args.stage1,
+        shards=args.shards,
+        device=device,
+        threads=args.threads,
+        allow_stage1_mismatch=args.allow_stage1_mismatch,
+    )
     if state.load_error:
         print(f"app.py: {state.load_error}\n(the page shows this and can load another export)", file=sys.stderr)
     else:

@@ -39,8 +39,17 @@ EVENT_POLL_S = 0.01
 class AppState:
     """The server's one model (replaced only by a load job) and its queue."""
 
-    def __init__(self, gpt: str, *, stage1: str = "", shards: str = "", device: str = "cpu", threads: int = 0):
-        self.device, self.shards = device, shards
+    def __init__(
+        self,
+        gpt: str,
+        *,
+        stage1: str = "",
+        shards: str = "",
+        device: str = "cpu",
+        threads: int = 0,
+        allow_stage1_mismatch: bool = False,  # every load accepts a stage-1 export other than the GPT's (export.py)
+    ):
+        self.device, self.shards, self.allow_stage1_mismatch = device, shards, allow_stage1_mismatch
         self.synth: Synthesizer | None = None
         self.load_error: str | None = None
         self.requested = gpt
@@ -60,7 +69,13 @@ class AppState:
         self.requested = gpt
         job.progress("loading", 0, 1)
         try:
-            synth = Synthesizer(gpt, stage1=stage1, shards=self.shards, device=self.device)
+            synth = Synthesizer(
+                gpt,
+                stage1=stage1,
+                shards=self.shards,
+                device=self.device,
+                allow_stage1_mismatch=self.allow_stage1_mismatch,
+            )
         except AppError as e:
             if self.synth is None:
                 self.load_error = str(e)

@@ -106,7 +106,15 @@ def _check_export_dir(path: str, role: str) -> None:
 class Synthesizer:
     """Loaded models of one stage-2 export; sample() is not thread-safe: the job queue calls it one at a time."""
 
-    def __init__(self, gpt_dir: str, *, stage1: str = "", shards: str = "", device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        gpt_dir: str,
+        *,
+        stage1: str = "",
+        shards: str = "",
+        device: str | torch.device = "cpu",
+        allow_stage1_mismatch: bool = False,
+    ):
         self.gpt_dir, self.dev = gpt_dir, torch.device(device)
         _check_export_dir(gpt_dir, "stage-2")
         try:
@@ -128,7 +136,7 @@ class Synthesizer:
             self.cfg.stage1 = stage1
         _check_export_dir(self.cfg.stage1, "stage-1")
         try:
-            self.tokenizer = load_tokenizer(self.cfg, self.dev)
+            self.tokenizer = load_tokenizer(self.cfg, self.dev, allow_stage1_mismatch=allow_stage1_mismatch)
         except Exception as e:
             raise AppError(f"cannot load the stage-1 model {self.cfg.stage1!r} that {gpt_dir!r} names: {e}") from None
         self.semantic_model = self.tokenizer.semantic_model or self.tokenizer.image_model

@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from svq_fast.app.maps import encode_grid, png_bytes, read_png  # noqa: E402
 from svq_fast.app.server import AppState, bind, create_app  # noqa: E402
 from svq_fast.app.synth import SampleSettings, Synthesizer  # noqa: E402
 from svq_fast.eval.sampling import sample_images  # noqa: E402
+from svq_fast.export import export_model, read_export  # noqa: E402
+from svq_fast.models.svq import SVQModel  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -288,3 +291,30 @@ def test_a_bad_export_at_start_still_serves_the_page(exports, tmp_path):
         assert "stage-1 export" in state.load_error and "does not exist" in state.load_error
     finally:
         state.jobs.close()
+
+
+def test_a_stage1_model_other_than_the_gpts_is_refused_unless_allowed(exports, tmp_path):
+    """The app checks the stage-1 weights against the hash the GPT recorded, as sample.py and evaluate.py do, and
+    takes the same override flag."""
+    import warnings
+
+    s1, _ = read_export(exports["stage1"])
+    torch.manual_seed(7)  # another stage-1 model of the same shape: its tokens are not the ones the GPT learned
+    other = str(tmp_path / "other_stage1")
+    export_model(SVQModel(s1.model, s1.quantizer).state_dict(), s1, other)
+    state = AppState(exports["gpt"], stage1=other, device="cpu")
+    try:
+        assert "the GPT was trained on the stage-1 model" in state.load_error
+        assert "--allow-stage1-mismatch" in state.load_error
+    finally:
+        state.jobs.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = AppState(exports["gpt"], stage1=other, device="cpu", allow_stage1_mismatch=True)
+    try:
+        assert state.load_error is None and state.synth.info()["stage1"] == other
+        assert any("allowed by --allow-stage1-mismatch" in str(w.message) for w in caught)
+    finally:
+        state.jobs.close()
+    app = (Path(__file__).resolve().parents[2] / "recipes" / "app.py").read_text()
+    assert "allow_stage1_mismatch=args.allow_stage1_mismatch" in app
