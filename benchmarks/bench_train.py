@@ -44,6 +44,7 @@ import torch
 from bench_common import bench_config  # benchmarks/bench_common.py
 
 from svq_fast.config import apply_overrides
+from svq_fast.dist import free_port
 from svq_fast.train.stage1 import stage1_flops_per_sample, train_stage1
 from svq_fast.train.stage2 import gpt_flops_per_sample, train_stage2
 
@@ -309,14 +310,6 @@ def _size_args(args) -> list[str]:
     return (["--paper"] if args.paper else []) + (["--mid"] if args.mid else [])
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_child(cmd: list[str], what: str) -> None:
     import subprocess
 
@@ -344,7 +337,7 @@ def _measure_isolated(recipe: str, variant: str, args, work: str, stage1_export:
         one.append(f"--stage1-export={stage1_export}")
     if args.ranks > 1:
         deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(_port()), here, *one]
+        cmd = [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), here, *one]
     else:
         cmd = [sys.executable, here, *one]
     _run_child(cmd, f"{recipe}/{variant}")

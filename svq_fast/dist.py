@@ -53,7 +53,9 @@ def comm_device() -> torch.device:
 # -- joining the launcher's process group ---------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: the rendezvous port of a single-process group, or of a launcher a test or
+    benchmark starts (taken by the first process that binds it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +71,7 @@ def init_deepspeed() -> tuple[int, int]:
         watch_launcher()
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
     if not is_initialized():
         deepspeed.init_distributed(

@@ -12,7 +12,6 @@ Bounded: every launch has a timeout, the wait for a checkpoint a deadline, the s
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,12 @@ from pathlib import Path
 import pytest
 
 from svq_fast.data.make_shards import write_synthetic
+from svq_fast.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STEPS, SAVE_EVERY = 6, 2
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cmd(shards: str, out: Path, *extra: str) -> list[str]:
@@ -40,7 +34,7 @@ def _cmd(shards: str, out: Path, *extra: str) -> list[str]:
         "--num_gpus",
         "2",
         "--master_port",
-        str(_port()),
+        str(free_port()),
         str(ROOT / "recipes/train_svqgan.py"),
         "--config",
         "svqvae_tiny",

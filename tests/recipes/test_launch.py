@@ -2,7 +2,6 @@
 
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.run_shards import shards_or_synthetic
+from svq_fast.dist import free_port
 from svq_fast.export import load_gpt, load_stage1
 from svq_fast.losses.class_balance import balanced_class_weights
 
@@ -20,14 +20,8 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(script, *args):
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_port()), str(ROOT / "recipes" / script), *args]
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "recipes" / script), *args]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

@@ -4,23 +4,18 @@ see identical data and must give identical losses."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from svq_fast.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SCRIPT = str(ROOT / "recipes/train_svqgan.py")
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(data, out):
@@ -55,7 +50,7 @@ def histories(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("launchers")
     data = tmp / "data"
     out = {}
-    ds_port = _port()
+    ds_port = free_port()
     _check(
         _run(
             [
@@ -78,7 +73,7 @@ def histories(tmp_path_factory):
                 "--nproc_per_node",
                 "2",
                 "--master_port",
-                str(_port()),
+                str(free_port()),
                 SCRIPT,
                 *_args(data, tmp / "torchrun"),
             ]
@@ -100,14 +95,14 @@ def histories(tmp_path_factory):
                 "--dynamo_backend",
                 "no",
                 "--main_process_port",
-                str(_port()),
+                str(free_port()),
                 SCRIPT,
                 *_args(data, tmp / "accelerate"),
             ]
         )
     )
     out["accelerate"] = tmp / "accelerate"
-    port = _port()
+    port = free_port()
     nodes = [
         subprocess.Popen(
             [

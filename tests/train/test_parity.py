@@ -6,23 +6,18 @@ sees, which is half the global batch on 2 ranks and a quarter under accumulation
 (model.latent_swap) are off too: each rank draws them for, and rolls z_x within, its own micro-batch."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from svq_fast.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 GLOBAL_BATCH = 8
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_layout(tmp, data, name, ranks, stage, accum=1, precision="fp32", gan=False):
@@ -33,7 +28,7 @@ def run_layout(tmp, data, name, ranks, stage, accum=1, precision="fp32", gan=Fal
         "--num_gpus",
         str(ranks),
         "--master_port",
-        str(_port()),
+        str(free_port()),
         str(ROOT / "recipes/train_svqgan.py"),
         "--config",
         "svqgan_tiny",

@@ -2,23 +2,18 @@
 later loss with an uninterrupted run of the same configuration."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from svq_fast.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 KILLER = Path(__file__).with_name("kill_after_step.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(data, out, *extra, script=ROOT / "recipes/train_svqgan.py"):
@@ -27,7 +22,7 @@ def launch(data, out, *extra, script=ROOT / "recipes/train_svqgan.py"):
         "--num_gpus",
         "2",
         "--master_port",
-        str(_port()),
+        str(free_port()),
         str(script),
         "--config",
         "svqgan_tiny",
