@@ -157,7 +157,7 @@ def _num(v):
 
 
 def _cell(values: list, scale: float = 1.0, digits: int = 3) -> str:
-    vals = [v * scale for v in values if _num(v) is not None]
+    vals = [v * scale if abs(v) > 1e-9 else 0.0 for v in values if _num(v) is not None]  # no "-0.00" from round-off
     if not vals:
         return "n/a"
     if len(vals) == 1:
@@ -203,34 +203,87 @@ def coupled_vs_separate(per_seed: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _diag_rows(r: dict, model: str) -> dict[str, dict]:
+    """One seed's diagnostic rows of a GPT (svq_fast/eval/diagnostics.py), by their images' name."""
+    return {row["images"]: row for row in (r["stage2"][model].get("diagnostics") or {}).get("rows", [])}
+
+
+def _diag_value(r: dict, model: str, images: str, key: str):
+    return _diag_rows(r, model).get(images, {}).get(key)
+
+
 def diagnostics_table(per_seed: list[dict]) -> list[str]:
-    """One table over Table 1's models: each diagnostic row's seg. mIoU (svq_fast/eval/diagnostics.py; mean ± std
-    over seeds) and the bits per image token the condition gives the GPT."""
-
-    def diag(r: dict, model: str) -> dict:
-        return r["stage2"][model].get("diagnostics") or {}
-
+    """Two tables over Table 1's models: each diagnostic row's seg. mIoU, with the bits per image token the condition
+    gives the GPT, then each row's FSD (mean ± std over seeds)."""
     names: list[str] = []
     for r in per_seed:
         for model in STAGE2:
-            names += [row["images"] for row in diag(r, model).get("rows", []) if row["images"] not in names]
+            names += [name for name in _diag_rows(r, model) if name not in names]
     if not names:
         return []
-    lines = [
-        "## Where the semantics get lost (seg. mIoU %, every column scored against the conditioning map)",
-        "",
-        "| model | " + " | ".join(names) + " | condition's bits per image token |",
-        "|---|" + "---|" * (len(names) + 1),
-    ]
+    lines = []
+    for key, title, scale, digits in (("seg_miou", "seg. mIoU %", 100, 2), ("fsd", "FSD", 1, 2)):
+        bits = key == "seg_miou"
+        lines += [
+            f"## Where the semantics get lost ({title}, every column scored against the conditioning map)",
+            "",
+            "| model | " + " | ".join(names) + (" | condition's bits per image token |" if bits else " |"),
+            "|---|" + "---|" * (len(names) + bits),
+        ]
+        for model in STAGE2:
+            cells = [_cell([_diag_value(r, model, name, key) for r in per_seed], scale, digits) for name in names]
+            if bits:
+                gaps = [(r["stage2"][model].get("diagnostics") or {}).get("nll_bits_per_token", {}).get("gap")
+                        for r in per_seed]  # fmt: skip
+                cells.append(_cell(gaps, 1, 3))
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+# the GPT against decodes of random image tokens with the same z_s: (diagnostic key, label, scale, digits, better)
+GPT_VS_RANDOM = (("fsd", "FSD", 1.0, 2, "lower"), ("seg_miou", "seg. mIoU (%)", 100.0, 2, "higher"))
+
+
+def gpt_vs_random_tokens(per_seed: list[dict]) -> list[str]:
+    """Does the GPT earn its place? Per seed, GPT samples minus decodes of random z_x with the same z_s (the same
+    stage-1 model decodes both, so the seeds pair up); the mean ± std of those differences, and whether every seed
+    agrees and the mean exceeds the spread of the differences."""
+    rows: list[str] = []
     for model in STAGE2:
-        cells = []
-        for name in names:
-            values = [next((row["seg_miou"] for row in diag(r, model).get("rows", []) if row["images"] == name), None)
-                      for r in per_seed]  # fmt: skip
-            cells.append(_cell(values, 100, 2))
-        gaps = [diag(r, model).get("nll_bits_per_token", {}).get("gap") for r in per_seed]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {_cell(gaps, 1, 3)} |")
-    return [*lines, ""]
+        for key, label, scale, digits, better in GPT_VS_RANDOM:
+            pairs = [(_diag_value(r, model, "GPT samples", key), _diag_value(r, model, "random z_x", key))
+                     for r in per_seed]  # fmt: skip
+            pairs = [(a * scale, b * scale) for a, b in pairs if _num(a) is not None and _num(b) is not None]
+            if not pairs:
+                continue
+            diffs = [a - b for a, b in pairs]
+            mean = statistics.mean(diffs)
+            good = [(d < 0) if better == "lower" else (d > 0) for d in diffs]
+            bad = [(d > 0) if better == "lower" else (d < 0) for d in diffs]
+            wins = "GPT" if all(good) else "random z_x" if all(bad) else "neither" if not any(diffs) else "mixed"
+            if len(diffs) < 2:
+                spread = "n/a (one seed)"
+            else:
+                spread = "yes" if all(good) and abs(mean) > statistics.stdev(diffs) else "no"
+            rows.append(
+                f"| {model} | {label} ({better} is better) | {_cell([a for a, _ in pairs], 1, digits)} | "
+                f"{_cell([b for _, b in pairs], 1, digits)} | {_cell(diffs, 1, digits)} | {wins} | {spread} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## GPT samples vs random image tokens (the same z_s, the same decoder)",
+        "",
+        "Per seed: GPT samples minus the decode of random z_x codes; mean ± std of the per-seed differences. "
+        "It exceeds the seed spread when every seed has the better sign and |mean| > the differences' standard "
+        "deviation (needs >= 2 seeds).",
+        "",
+        "| model | metric | GPT samples | random z_x | difference (paired) | better | exceeds the seed spread |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def timings_of(timings: dict, seeds: list[int]) -> dict:
@@ -297,7 +350,7 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
             f"{_cell(col('stage1', m, 'semantic_pixel_acc'), 100, 2)} | "
             f"{_cell(col('stage1', m, 'semantic_miou_map_only'), 100, 2)} |"
         )
-    lines += ["", *coupled_vs_separate(per_seed), *diagnostics_table(per_seed)]
+    lines += ["", *coupled_vs_separate(per_seed), *diagnostics_table(per_seed), *gpt_vs_random_tokens(per_seed)]
     lines += [
         "## Samples (Figure 3 layout)",
         "",

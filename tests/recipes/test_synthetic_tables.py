@@ -87,3 +87,37 @@ def test_diagnostics_table_has_one_row_per_model_and_the_condition_bits():
     assert lines[2] == "| model | real images | GPT samples | condition's bits per image token |"
     assert "| sVQGAN-T | 80.00 | 30.00 | 0.500 |" in lines
     assert st.diagnostics_table([_seed_results(0.0)]) == []  # no diagnostics recorded: no table
+    fsd = lines[lines.index("## Where the semantics get lost (FSD, every column scored against the conditioning map)") :]
+    assert fsd[2] == "| model | real images | GPT samples |"
+    assert "| sVQGAN-T | 0.00 | n/a |" in fsd  # a row without an FSD is n/a, not 0
+
+
+def _with_random(result: dict, model: str, gpt: tuple[float, float], random: tuple[float, float]) -> dict:
+    """Diagnostic rows (seg. mIoU, FSD) of the GPT samples and of the random-z_x decodes."""
+    result["stage2"][model]["diagnostics"] = {
+        "rows": [
+            {"images": "random z_x", "seg_miou": random[0], "fsd": random[1]},
+            {"images": "GPT samples", "seg_miou": gpt[0], "fsd": gpt[1]},
+        ]
+    }
+    return result
+
+
+def test_gpt_vs_random_tokens_pairs_the_seeds():
+    seeds = [_seed_results(0.0) for _ in range(3)]
+    # sVQGAN-T: the seeds vary a lot (FSD 4-8), but the GPT is better by 3 +- 0.5 in each: beyond the spread
+    for r, base, gap in zip(seeds, (4.0, 6.0, 8.0), (2.5, 3.0, 3.5)):
+        _with_random(r, "sVQGAN-T", (0.30, base), (0.25, base + gap))
+    # VQGAN-T: one seed where random tokens score the better FSD: the signs disagree, not beyond the spread
+    for r, gap in zip(seeds, (2.0, 2.0, -0.5)):
+        _with_random(r, "VQGAN-T", (0.10, 5.0), (0.10, 5.0 + gap))
+    rows = {line.split(" | ")[0] + "/" + line.split(" | ")[1]: line for line in st.gpt_vs_random_tokens(seeds)
+            if line.startswith("| ") and " is better" in line}  # fmt: skip
+    assert rows["| sVQGAN-T/FSD (lower is better)"].endswith("| -3.00 ± 0.50 | GPT | yes |")
+    assert rows["| sVQGAN-T/seg. mIoU (%) (higher is better)"].endswith("| 5.00 ± 0.00 | GPT | yes |")
+    assert rows["| VQGAN-T/FSD (lower is better)"].endswith("| mixed | no |")
+    assert rows["| VQGAN-T/seg. mIoU (%) (higher is better)"].endswith("| neither | no |")  # equal in every seed
+    assert "| sVQVAE-T/" not in " ".join(rows)  # no diagnostics: no row
+    one = st.gpt_vs_random_tokens(seeds[:1])
+    assert all(line.endswith("| n/a (one seed) |") for line in one if line.startswith("| sVQGAN-T"))
+    assert st.gpt_vs_random_tokens([_seed_results(0.0)]) == []  # no diagnostics recorded: no section
