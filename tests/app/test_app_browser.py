@@ -326,8 +326,9 @@ def test_paint_sample_and_bad_uploads(browser, exports, tmp_path):
         received = read_png(app.get(f"/api/jobs/{job}/files/painted_ids.png"))
         assert np.array_equal(received, painted), "the server received another map than the one painted"
         assert set(np.unique(received)) <= {2, 5, 8, 9, 12}  # no in-between colours became classes
-        understood = browser.execute_script("return document.getElementById('understood').naturalWidth")
-        assert understood == n
+        # the understood map is a separate image request: it may still be loading when the samples are in
+        understood_width = "const i = document.getElementById('understood'); return i.complete && i.naturalWidth"
+        assert page.wait(lambda: browser.execute_script(understood_width), "the understood map image") == n
         links = browser.find_elements(page.By.CSS_SELECTOR, "#downloads a[download]")
         assert len(links) == 2 + 5 and all(a.get_attribute("href").startswith(app.url) for a in links)
         assert "done" in page.el("status").text and "click to first sample" in page.el("timing").text
