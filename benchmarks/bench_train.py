@@ -44,7 +44,7 @@ import torch
 from bench_common import bench_config  # benchmarks/bench_common.py
 
 from svq_fast.config import apply_overrides
-from svq_fast.dist import free_port
+from svq_fast.dist import deepspeed_command
 from svq_fast.train.stage1 import stage1_flops_per_sample, train_stage1
 from svq_fast.train.stage2 import gpt_flops_per_sample, train_stage2
 
@@ -204,9 +204,21 @@ def main(argv=None) -> int:
     p.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
     p.add_argument("--one", nargs=3, metavar=("RECIPE", "VARIANT", "WORKDIR"), help=argparse.SUPPRESS)
     p.add_argument("--row-out", default="", help=argparse.SUPPRESS)
-    p.add_argument("--stage1-export", default="", help=argparse.SUPPRESS)
+    p.add_argument("--stage1-export", default="",
+                   help="stage 2's tokenizer (default: the export of this run's first stage-1 row); needed when "
+                        "--recipes has stage2 without stage1")  # fmt: skip
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the deepspeed launcher's
     args = p.parse_args(argv)
+    recipes = args.recipes.split(",")
+    if not args.one and "stage2" in recipes and "stage1" not in recipes and not args.stage1_export:
+        p.error(
+            "--recipes without stage1 trains no tokenizer for stage2: pass --stage1-export DIR (a stage-1 "
+            "export of the same size, e.g. runs/demo/stage1/export)"
+        )
+    if args.stage1_export:
+        args.stage1_export = os.path.abspath(args.stage1_export)  # the runs are child processes in other folders
+        if not os.path.isfile(os.path.join(args.stage1_export, "model.safetensors")):
+            p.error(f"--stage1-export {args.stage1_export}: no model.safetensors there")
     if args.smoke:
         args.paper, args.mid, args.steps, args.warmup, args.seconds, args.micro_batch = False, False, 3, 1, 0.0, 2
         args.samples, args.precision = 16, "fp32"
@@ -228,7 +240,7 @@ def main(argv=None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        stage1_export = None
+        stage1_export = args.stage1_export or None
         for recipe in args.recipes.split(","):
             # variants interleaved, repeat by repeat, so a slow drift of the machine hits all of them alike
             for repeat in range(args.repeats):
@@ -336,8 +348,7 @@ def _measure_isolated(recipe: str, variant: str, args, work: str, stage1_export:
     if stage1_export:
         one.append(f"--stage1-export={stage1_export}")
     if args.ranks > 1:
-        deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [deepspeed, "--num_gpus", str(args.ranks), "--master_port", str(free_port()), here, *one]
+        cmd = deepspeed_command(here, *one, ranks=args.ranks)
     else:
         cmd = [sys.executable, here, *one]
     _run_child(cmd, f"{recipe}/{variant}")
@@ -354,7 +365,7 @@ def table(args) -> int:
     rows: list[dict] = []
     variants = args.variants.split(",")
     with tempfile.TemporaryDirectory() as work:
-        stage1_export = None
+        stage1_export = args.stage1_export or None
         for recipe in args.recipes.split(","):
             for repeat in range(args.repeats):
                 for variant in variants:

@@ -12,6 +12,7 @@ import os
 import sys
 
 from svq_fast.eval.report import diagnostics_markdown
+from svq_fast.train.checkpoint import complete_checkpoints, read_manifest
 
 
 def _load_metrics(path: str) -> dict:
@@ -71,6 +72,12 @@ def discriminator_health(last: dict) -> list[str]:
     ]
 
 
+def _ranks(stage_dir: str) -> str:
+    """How many ranks trained a stage, as its newest complete checkpoint's manifest records it ('?' without one)."""
+    tags = complete_checkpoints(stage_dir)
+    return str((read_manifest(tags[-1]) or {}).get("world_size", "?")) if tags else "?"
+
+
 def _last(history_file: str) -> dict:
     with open(history_file) as f:
         hist = json.load(f)
@@ -94,7 +101,8 @@ def main(argv=None) -> int:
         "# svq_fast demo report",
         "",
         "Tiny sVQGAN (stage 1) and GPT (stage 2) trained on the built-in synthetic scenes (64x64, 16 classes),",
-        "2 CPU ranks under DeepSpeed. Numbers below are from this run, on "
+        f"under DeepSpeed on CPU (stage 1: {_ranks(os.path.join(run, 'stage1'))} ranks, stage 2: "
+        f"{_ranks(os.path.join(run, 'stage2'))}). Numbers below are from this run, on "
         f"{gen['images_scored']} (generation) / {rec['images_scored']} (reconstruction) held-out scenes; "
         "full per-class tables in eval/stage1|2/metrics.md.",
         "",

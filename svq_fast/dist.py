@@ -61,6 +61,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_command(script, *args, ranks: int = 2) -> list[str]:
+    """argv that runs `script args` on `ranks` local processes under this interpreter's deepspeed launcher, with
+    a free rendezvous port: how tests and benchmarks start a multi-rank run."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *map(str, args)]
+
+
 def init_deepspeed() -> tuple[int, int]:
     """Join the process group set up by the launcher (deepspeed / torchrun / accelerate), or make a
     single-process one when the script was started with plain `python`. Returns (rank, world_size)."""

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 from svq_fast.config import apply_overrides
 from svq_fast.named_configs import get_config
 
@@ -70,3 +72,13 @@ def test_mid_size_is_the_tiny_architecture_wider_and_both_benchmarks_share_it(tm
     for variant in bench_train.TABLE_VARIANTS.split(","):
         if not variant.startswith("plain"):
             apply_overrides(mid1, bench_train._variant_overrides("stage1", variant))
+
+
+def test_stage2_alone_needs_a_stage1_export_and_says_so(tmp_path, capsys):
+    for argv, message in (
+        (["--table", "--recipes", "stage2"], "pass --stage1-export DIR"),
+        (["--recipes", "stage2", "--stage1-export", str(tmp_path)], f"{tmp_path}: no model.safetensors"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            bench_train.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -13,29 +13,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from svq_fast.data.make_shards import write_synthetic
-from svq_fast.dist import free_port
+from svq_fast.dist import deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[2]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STEPS, SAVE_EVERY = 6, 2
 
 
 def _cmd(shards: str, out: Path, *extra: str) -> list[str]:
-    return [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "recipes/train_svqgan.py"),
+    return deepspeed_command(
+        ROOT / "recipes/train_svqgan.py",
         "--config",
         "svqvae_tiny",
         f"--data.train_shards={shards}",
@@ -48,7 +41,7 @@ def _cmd(shards: str, out: Path, *extra: str) -> list[str]:
         "--log.progress=false",
         f"--run.out_dir={out}",
         *extra,
-    ]
+    )
 
 
 def _run(shards: str, out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -41,3 +41,12 @@ def test_report_has_diagnostics_and_discriminator_health(tmp_path):
     assert "| GPT samples | 24.00 | 8.850 |" in text and "| real images | 67.00 | 0.000 |" in text
     assert "0.258 bits per token" in text
     assert "| 4.000 | -2.000 | 6.000 |" in text
+    assert "(stage 1: ? ranks, stage 2: ?)" in text  # no checkpoints here
+
+
+def test_report_names_each_stages_ranks_from_its_checkpoint(tmp_path):
+    from svq_fast.train.checkpoint import COMPLETE, tag_name
+
+    for stage, world in (("stage1", 2), ("stage2", 1)):
+        _write(tmp_path / stage / "checkpoints" / tag_name(300) / COMPLETE, {"step": 300, "world_size": world})
+    assert _load()._ranks(str(tmp_path / "stage1")) == "2" and _load()._ranks(str(tmp_path / "stage2")) == "1"

@@ -11,17 +11,16 @@ import torch
 
 from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.run_shards import shards_or_synthetic
-from svq_fast.dist import free_port
+from svq_fast.dist import deepspeed_command
 from svq_fast.export import load_gpt, load_stage1
 from svq_fast.losses.class_balance import balanced_class_weights
 
 ROOT = Path(__file__).resolve().parents[2]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def launch(script, *args):
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "recipes" / script), *args]
+    cmd = deepspeed_command(ROOT / "recipes" / script, *args)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

@@ -87,7 +87,8 @@ def test_diagnostics_table_has_one_row_per_model_and_the_condition_bits():
     assert lines[2] == "| model | real images | GPT samples | condition's bits per image token |"
     assert "| sVQGAN-T | 80.00 | 30.00 | 0.500 |" in lines
     assert st.diagnostics_table([_seed_results(0.0)]) == []  # no diagnostics recorded: no table
-    fsd = lines[lines.index("## Where the semantics get lost (FSD, every column scored against the conditioning map)") :]
+    title = "## Where the semantics get lost (FSD, every column scored against the conditioning map)"
+    fsd = lines[lines.index(title) :]
     assert fsd[2] == "| model | real images | GPT samples |"
     assert "| sVQGAN-T | 0.00 | n/a |" in fsd  # a row without an FSD is n/a, not 0
 

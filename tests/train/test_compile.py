@@ -13,7 +13,6 @@ path is checked on the discriminator here (rel 1e-4) and measured on the whole s
 import copy
 import json
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from svq_fast.config import ConfigError, Stage1Config, Stage2Config, apply_overrides
-from svq_fast.dist import free_port
+from svq_fast.dist import deepspeed_command
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.named_configs import get_config
@@ -282,9 +281,8 @@ def test_compile_config_is_validated():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_ranks_compiled_steps_match_eager_and_resume_across_options(tmp_path):
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
     script = Path(__file__).with_name("compile_options_run.py")
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(tmp_path), "aot_eager"]
+    cmd = deepspeed_command(script, tmp_path, "aot_eager")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=880)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "EAGERLY" not in r.stdout + r.stderr  # nothing fell back: every module ran compiled

@@ -7,15 +7,13 @@ sees, which is half the global batch on 2 ranks and a quarter under accumulation
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from svq_fast.dist import free_port
+from svq_fast.dist import deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[2]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 GLOBAL_BATCH = 8
 
@@ -23,13 +21,8 @@ GLOBAL_BATCH = 8
 def run_layout(tmp, data, name, ranks, stage, accum=1, precision="fp32", gan=False):
     micro = GLOBAL_BATCH // (ranks * accum)
     out = tmp / name
-    cmd = [
-        DEEPSPEED,
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "recipes/train_svqgan.py"),
+    cmd = deepspeed_command(
+        ROOT / "recipes/train_svqgan.py",
         "--config",
         "svqgan_tiny",
         f"--data.synthetic_default={data}",
@@ -50,7 +43,8 @@ def run_layout(tmp, data, name, ranks, stage, accum=1, precision="fp32", gan=Fal
         "--log.progress=false",
         "--optim.warmup_steps=0",
         f"--run.out_dir={out}",
-    ]
+        ranks=ranks,
+    )
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return json.loads((out / "history.json").read_text())

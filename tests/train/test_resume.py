@@ -3,27 +3,20 @@ later loss with an uninterrupted run of the same configuration."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from svq_fast.dist import free_port
+from svq_fast.dist import deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[2]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 KILLER = Path(__file__).with_name("kill_after_step.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def launch(data, out, *extra, script=ROOT / "recipes/train_svqgan.py"):
-    cmd = [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(script),
+    cmd = deepspeed_command(
+        script,
         "--config",
         "svqgan_tiny",
         f"--data.synthetic_default={data}",
@@ -38,7 +31,7 @@ def launch(data, out, *extra, script=ROOT / "recipes/train_svqgan.py"):
         "--log.progress=false",
         f"--run.out_dir={out}",
         *extra,
-    ]
+    )
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

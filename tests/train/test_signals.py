@@ -13,18 +13,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from svq_fast.dist import free_port
+from svq_fast.dist import deepspeed_command
 from svq_fast.train.checkpoint import verify_files
 
 ROOT = Path(__file__).resolve().parents[2]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SIGNALLER = Path(__file__).with_name("signal_at_step.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -54,7 +52,7 @@ def _env():
 
 def _start(tmp, name, script, args, **popen):
     log = open(tmp / f"{name}.log", "w")
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(script), *args]
+    cmd = deepspeed_command(script, *args)
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(), **popen)
 
 
@@ -67,15 +65,7 @@ def _wait_for(paths, proc, timeout=240):
 
 
 def _run(tmp, name, args):
-    cmd = [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "recipes/train_svqgan.py"),
-        *args,
-    ]
+    cmd = deepspeed_command(ROOT / "recipes/train_svqgan.py", *args)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=_env())
     (tmp / f"{name}.log").write_text(r.stdout + r.stderr)
     return r
