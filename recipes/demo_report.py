@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         "# svq_fast demo report",
         "",
         "Tiny sVQGAN (stage 1) and GPT (stage 2) trained on the built-in synthetic scenes (64x64, 16 classes),",
-        f"under DeepSpeed on CPU (stage 1: {_ranks(os.path.join(run, 'stage1'))} ranks, stage 2: "
+        f"under DeepSpeed on CPU (stage 1 on {_ranks(os.path.join(run, 'stage1'))} ranks, stage 2 on "
         f"{_ranks(os.path.join(run, 'stage2'))}). Numbers below are from this run, on "
         f"{gen['images_scored']} (generation) / {rec['images_scored']} (reconstruction) held-out scenes; "
         "full per-class tables in eval/stage1|2/metrics.md.",

@@ -41,7 +41,7 @@ def test_report_has_diagnostics_and_discriminator_health(tmp_path):
     assert "| GPT samples | 24.00 | 8.850 |" in text and "| real images | 67.00 | 0.000 |" in text
     assert "0.258 bits per token" in text
     assert "| 4.000 | -2.000 | 6.000 |" in text
-    assert "(stage 1: ? ranks, stage 2: ?)" in text  # no checkpoints here
+    assert "(stage 1 on ? ranks, stage 2 on ?)" in text  # no checkpoints here
 
 
 def test_report_names_each_stages_ranks_from_its_checkpoint(tmp_path):
