@@ -5,6 +5,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes" / "experiments"))
 import synthetic_tables as st  # noqa: E402
 
@@ -24,7 +26,9 @@ def _seed_results(offset: float) -> dict:
 
 
 def test_report_tables_mean_and_spread():
-    args = argparse.Namespace(seeds=[0, 1], stage1_steps=400, stage2_steps=400, machine="m", eval_samples=256)
+    args = argparse.Namespace(
+        seeds=[0, 1], stage1_steps=400, stage2_steps=400, stage2_lr=1e-3, machine="m", eval_samples=256
+    )
     text = st.report([_seed_results(0.0), _seed_results(0.1)], args, {"segmenter": 12.0}, 600.0)
     spread = statistics.stdev([0.6, 0.7]) * 100
     assert "## Table 1" in text and "## Table 2" in text and "## Table 3" in text
@@ -36,10 +40,32 @@ def test_report_tables_mean_and_spread():
     table3 = text.split("## Table 3")[1].splitlines()
     assert next(line for line in table3 if line.startswith("| semantic_vqvae |")).endswith("| n/a |")
     assert "Wall-clock of all parts: 10.0 min" in text and "| segmenter | 12 |" in text
+    assert "stage 2 400 steps at lr 0.001, batch 8" in text
+
+
+def test_gpts_train_at_the_experiments_own_lr_not_gpt_tinys(tmp_path, monkeypatch):
+    """The tables' batch-8 GPTs keep STAGE2_LR (see its comment) whatever gpt_tiny's lr is."""
+    from svq_fast.named_configs import get_config
+
+    assert st.STAGE2_LR != get_config("gpt_tiny").optim.lr
+    commands = []
+
+    def fake_run(cmd, log):
+        commands.append(cmd)
+        raise SystemExit  # stop at the first training: only its command line is checked
+
+    monkeypatch.setattr(st, "run", fake_run)
+    monkeypatch.setattr(st, "STAGE1", ())  # go straight to stage 2
+    args = argparse.Namespace(
+        out=str(tmp_path), train_samples=8, stage1_steps=4, stage2_steps=4, stage2_lr=st.STAGE2_LR
+    )
+    with pytest.raises(SystemExit):
+        st.train_seed(0, args, str(tmp_path / "data"), "seg", {})
+    assert "train_transformer.py" in " ".join(commands[0]) and f"--optim.lr={st.STAGE2_LR}" in commands[0]
 
 
 def test_single_seed_cells_have_no_spread():
-    args = argparse.Namespace(seeds=[0], stage1_steps=4, stage2_steps=4, machine="m", eval_samples=8)
+    args = argparse.Namespace(seeds=[0], stage1_steps=4, stage2_steps=4, stage2_lr=1e-3, machine="m", eval_samples=8)
     text = st.report([_seed_results(0.0)], args, {}, 60.0)
     tables = text.split("## Table 1")[1].split("## Samples")[0]
     assert "| vqvae | 0.5000 | 20.00 | 3.000 |" in tables and "±" not in tables
