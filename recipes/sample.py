@@ -2,8 +2,10 @@
 
     python recipes/sample.py --gpt runs/demo/stage2/export --out runs/demo/samples --num-maps 6 --samples-per-map 3
 
-Semantic maps come from held-out shards (--shards, default: the synthetic val split). The coupled model
-encodes z_s from (reference image, map) as in the paper. Writes grid.png (rows: semantic map | reference |
+Semantic maps come from held-out shards (--shards, default: the synthetic val split). --condition reference
+(the default) encodes z_s from (reference image, map) as in the paper; --condition map encodes it from the map
+alone (`encode_semantic`, as the synthesis page does), so no appearance of the reference leaks into the samples.
+Writes grid.png (rows: semantic map | reference |
 samples), one PNG per sample, and settings.json.
 """
 
@@ -22,6 +24,8 @@ from svq_fast.eval.sampling import sample_images
 from svq_fast.eval.visualize import colorize, grid, save_png, to_unit
 from svq_fast.export import load_gpt, load_tokenizer
 
+CONDITIONS = ("reference", "map")
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +40,12 @@ def main(argv=None) -> int:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--condition",
+        choices=CONDITIONS,
+        default="reference",
+        help="z_s from (reference image, map) as in the paper, or from the map alone (encode_semantic)",
+    )
     p.add_argument(
         "--allow-stage1-mismatch",
         action="store_true",
@@ -60,7 +70,10 @@ def main(argv=None) -> int:
     )
     batch = next(iter(loader))
     x, s = batch["image"].to(dev), batch["label"].to(dev)
-    sem, _ = tokenizer(x, s)
+    if args.condition == "map":  # appearance-free: the semantic model's encoder sees the map only
+        sem = (tokenizer.semantic_model or tokenizer.image_model).encode_semantic(s).flatten(1)
+    else:
+        sem, _ = tokenizer(x, s)
     n = args.samples_per_map
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     images = sample_images(  # (B*n, 3, H, W); the app (svq_fast/app) samples through the same function
