@@ -154,8 +154,17 @@ def _texture(cls: int, size: int, rng: np.random.Generator, yy: np.ndarray, xx: 
     return colour[None, :] * (1 - t[:, None]) + alt[None, :] * t[:, None]
 
 
-def render_scene(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scene number `index`: (image (S, S, 3) uint8, label (S, S) uint8 class ids)."""
+# Third entry of a re-render's seed sequence: keeps the texture streams apart from every scene's own [seed, index].
+_TEXTURE_STREAM = 0x7E57
+
+
+def render_scene(spec: SyntheticSpec, index: int, texture_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scene number `index`: (image (S, S, 3) uint8, label (S, S) uint8 class ids).
+
+    texture_seed None: the scene as written to the shards. An int: the same layout (the label map is identical)
+    re-rendered with fresh image-only draws (every instance's material, colour jitter and pattern, the shading and
+    the sensor noise) from their own stream [seed, index, _TEXTURE_STREAM, texture_seed]: the real spread of the
+    images one map stands for, the reference of the diversity rows (svq_fast/eval/diversity.py)."""
     rng = np.random.default_rng([spec.seed, index])
     size = spec.size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -181,6 +190,10 @@ def render_scene(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarra
         instance[mask] = len(classes)
         classes.append(cls)
 
+    if texture_seed is not None:  # the layout draws above are done: the image-only draws below come from a new stream
+        if texture_seed < 0:
+            raise ValueError(f"texture_seed must be None or >= 0, got {texture_seed}")
+        rng = np.random.default_rng([spec.seed, index, _TEXTURE_STREAM, texture_seed])
     # every instance gets its own material and texture parameters (two cars in one image differ)
     image = np.zeros((size, size, 3), np.float32)
     for inst, cls in enumerate(classes):
