@@ -82,14 +82,17 @@ def _interpreting() -> bool:
 
 
 def vq_ref(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25, *, cosine: bool = False) -> VQOutput:
-    """The textbook implementation: builds the (N, K) distance matrix. Computes in fp32 (fp64 for fp64 inputs)."""
+    """The textbook implementation: builds the (N, K) distance matrix. Computes in fp32 (fp64 for fp64 inputs),
+    also inside a bf16/fp16 autocast region (which would run z @ e^T in bf16 and pick other codes), as the fused
+    ops do (registered fp32 under autocast)."""
     _check_shapes(z, codebook)
     if cosine:
         z, codebook = F.normalize(z, dim=1), F.normalize(codebook, dim=1)
     ct = torch.promote_types(torch.promote_types(z.dtype, codebook.dtype), torch.float32)
     zf, ef = z.to(ct), codebook.to(ct)
-    # ||z||^2 - 2 z.e + ||e||^2 : (N, K)
-    dist = zf.pow(2).sum(1, keepdim=True) - 2 * zf @ ef.t() + ef.pow(2).sum(1)[None, :]
+    with torch.autocast(z.device.type, enabled=False):
+        # ||z||^2 - 2 z.e + ||e||^2 : (N, K)
+        dist = zf.pow(2).sum(1, keepdim=True) - 2 * zf @ ef.t() + ef.pow(2).sum(1)[None, :]
     indices = dist.argmin(dim=1)  # (N,)
     e = codebook[indices]  # (N, D)
     loss_codebook = (z.detach().to(ct) - e.to(ct)).pow(2).mean()

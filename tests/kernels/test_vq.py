@@ -392,3 +392,19 @@ def test_gpu_autotune_smoke(monkeypatch):
         out = _poisoned(2048, 64, dtype, device="cuda")
         vqmod._triton_forward(z, e, out=out)
         _check_forward(z.cpu(), e.cpu(), *(t.cpu() for t in out))
+
+
+def test_ref_under_bf16_autocast_picks_the_fp32_codes():
+    # issue 28 item 6: inside a bf16 autocast region (--zero.precision=bf16 with --quantizer.backend=ref, the eager
+    # baseline) the distance GEMM z.e ran in bf16 (8 mantissa bits) and picked other codes than the fp32 lookup.
+    # Random fp32 z and codes: the runner-up is close enough in some rows that bf16 rounding flips them (7 of 1024
+    # rows here before the fix).
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(512, 64, generator=g)  # (K, D)
+    z = torch.randn(1024, 64, generator=g)  # (N, D)
+    want = vq_ref(z, e)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vq_ref(z, e)
+    assert torch.equal(got.indices, want.indices), f"{(got.indices != want.indices).sum()} of 1024 codes differ"
+    assert got.min_dist.dtype == torch.float32 and torch.equal(got.min_dist, want.min_dist)
+    assert got.z_q.dtype == z.dtype and torch.equal(got.z_q, want.z_q)
