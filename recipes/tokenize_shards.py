@@ -35,13 +35,20 @@ def main(argv=None) -> int:
     p.add_argument("--shards", required=True, help="image shards: a folder, glob, brace pattern or URLs")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--condition",
+        choices=("reference", "map"),
+        default="reference",
+        help="z_s from (image, map) as in the paper, or from the map alone; train the GPT with the same "
+        "--condition (its config checks the index)",
+    )
     args = p.parse_args(argv)
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = dist.init_from_env()
     image_model, s1 = load_stage1(args.stage1, acc.device)
     semantic_model = load_stage1(args.stage1_semantic, acc.device)[0] if args.stage1_semantic else None
-    tok = Tokenizer(image_model, semantic_model)
+    tok = Tokenizer(image_model, semantic_model, condition=args.condition)
     grid = s1.model.image_size // s1.model.downsampling
     shards = list_shards(args.shards)
     written = []
@@ -78,6 +85,7 @@ def main(argv=None) -> int:
             stage1=args.stage1,
             stage1_semantic=args.stage1_semantic,
             source=args.shards,
+            condition=args.condition,
         )
         print(
             f"wrote {index['num_samples']} token sequences ({grid}x{grid} + {grid}x{grid}) in "

@@ -259,6 +259,7 @@ class Stage2Config:
     # checked wherever the GPT is loaded with its stage-1 model (svq_fast/export.py: load_tokenizer)
     stage1_sha256: str = ""
     stage1_semantic_sha256: str = ""
+    condition: Literal["reference", "map"] = "reference"  # z_s the GPT trains/samples on: (image, map) or map alone
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)

@@ -221,7 +221,7 @@ def load_tokenizer(cfg: Stage2Config, dev, *, allow_stage1_mismatch: bool = Fals
     check_stage1_identity(cfg, allow_mismatch=allow_stage1_mismatch)
     image_model, s1 = load_stage1(cfg.stage1, dev)
     semantic_model = load_stage1(cfg.stage1_semantic, dev)[0] if cfg.stage1_semantic else None
-    tok = Tokenizer(image_model, semantic_model)
+    tok = Tokenizer(image_model, semantic_model, condition=cfg.condition)
     g = cfg.model
     if (g.image_vocab, g.semantic_vocab) != (tok.image_vocab, tok.semantic_vocab):
         raise ValueError(

@@ -3,7 +3,8 @@ without the encoder.
 
 A token shard is a tar of `{key}.sem.npy` (P,) and `{key}.img.npy` (N,) row-major code grids, int16 when the
 vocabulary fits (else int32), plus `{key}.meta.json` (the source shard's name); `index.json` beside them
-records kind "tokens", the grid, the vocabularies and the stage-1 export it came from.
+records kind "tokens", the grid, the vocabularies, the stage-1 export it came from and the condition ("reference":
+z_s read from (image, map); "map": from the map alone, models/tokenizer.py).
 
 Writing (`tokenize_shard`, `write_token_index`; recipes/tokenize_shards.py is the command line): every sample
 of an image shard, center-cropped and unflipped, through the tokenizer; the image shards may be any URLs the
@@ -93,6 +94,7 @@ def write_token_index(
     stage1: str,
     stage1_semantic: str = "",
     source: str = "",
+    condition: str = "reference",
 ) -> dict:
     """Write `{out_dir}/index.json` for token shards ({"name", "samples"} rows, from every process); returns it."""
     index = {
@@ -105,6 +107,7 @@ def write_token_index(
         "stage1": os.path.abspath(stage1),
         "stage1_semantic": os.path.abspath(stage1_semantic) if stage1_semantic else "",
         "source": source,
+        "condition": condition,
     }
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, INDEX_NAME + ".tmp")

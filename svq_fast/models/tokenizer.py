@@ -1,7 +1,9 @@
 """Turning (image, semantic map) batches into stage-2 token sequences with frozen stage-1 models.
 
-Coupled (sVQ) model: z_s and z_x both come from the one encoder f_sEnc(x, s).
-Separate baseline (VQ-T): z_x from an image-only VQ model, z_s from a semantic-only VQVAE.
+Coupled (sVQ) model: z_x comes from the one encoder f_sEnc(x, s); z_s too with condition "reference" (the paper: it
+then carries the image's appearance), or from the map alone with condition "map" (`encode_semantic`), so the GPT
+must model the appearance that a map leaves open.
+Separate baseline (VQ-T): z_x from an image-only VQ model, z_s from a semantic-only VQVAE (map-only either way).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from svq_fast.models.svq import SVQModel
 
 
 class Tokenizer:
-    def __init__(self, image_model: SVQModel, semantic_model: SVQModel | None = None):
+    def __init__(self, image_model: SVQModel, semantic_model: SVQModel | None = None, condition: str = "reference"):
+        if condition not in ("reference", "map"):
+            raise ValueError(f"Tokenizer condition must be 'reference' or 'map', got {condition!r}")
         if semantic_model is None and image_model.cfg.kind != "svq":
             raise ValueError(
                 "an image-only stage-1 model needs a separate semantic model for the condition "
                 "(set stage1_semantic to a semantic VQVAE export)"
             )
         self.image_model, self.semantic_model = image_model, semantic_model
+        self.condition = condition
 
     @property
     def semantic_vocab(self) -> int:
@@ -35,10 +40,22 @@ class Tokenizer:
         if self.semantic_model is None:
             out = self.image_model.encode(x, s)
             sem, img = out["indices_s"], out["indices_x"]
+            if self.condition == "map":
+                sem = self.image_model.encode_semantic(s)
         else:
             img = self.image_model.encode(x, None)["indices_x"]
             sem = self.semantic_model.encode(None, s)["indices_s"]
         return sem.flatten(1), img.flatten(1)
+
+    @torch.no_grad()
+    def semantic_tokens(self, x: torch.Tensor, s: torch.Tensor, condition: str) -> torch.Tensor:
+        """(B, P) condition tokens of either kind, whatever this tokenizer trains on: "reference" reads (x, s),
+        "map" the map alone (a separate semantic model reads the map alone either way)."""
+        if self.semantic_model is not None:
+            return self.semantic_model.encode(None, s)["indices_s"].flatten(1)
+        if condition == "map":
+            return self.image_model.encode_semantic(s).flatten(1)
+        return self.image_model.encode(x, s)["indices_s"].flatten(1)
 
     @torch.no_grad()
     def decode(self, sem_tokens: torch.Tensor, img_tokens: torch.Tensor, grid: int) -> torch.Tensor:

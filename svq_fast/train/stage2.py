@@ -94,6 +94,12 @@ def token_train_loader(cfg: Stage2Config, rank: int, world: int):
             f"token shards {cfg.data.token_shards} hold (image vocab, semantic vocab, grid) = {found}, "
             f"the GPT config has {(g.image_vocab, g.semantic_vocab, g.grid)}"
         )
+    if index.get("condition", "reference") != cfg.condition:
+        raise ValueError(
+            f"token shards {cfg.data.token_shards} hold z_s tokens of condition {index.get('condition', 'reference')!r}"
+            f", the GPT config has condition={cfg.condition!r}: tokenize with --condition {cfg.condition} or set "
+            f"--condition={index.get('condition', 'reference')}"
+        )
     return make_token_loader(
         cfg.data.token_shards,
         batch_size=cfg.optim.micro_batch,

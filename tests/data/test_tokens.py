@@ -132,3 +132,13 @@ def test_token_shards_stream_over_http_like_local_ones(tokens, fx):
         assert a["key"] == b["key"] and torch.equal(a["sem"], b["sem"]) and torch.equal(a["img"], b["img"])
     blank = make_token_loader(str(tokens / "tok"), **kw).dataset.blank_sample()
     assert blank["sem"].shape == blank["img"].shape == (256,)  # tokens per grid, not an image size
+
+
+def test_stage2_refuses_tokens_of_another_condition(tokens):
+    assert read_token_index(str(tokens / "tok"))["condition"] == "reference"  # the script's default, recorded
+    cfg = Stage2Config(model=GPTConfig(image_vocab=64, semantic_vocab=32, grid=16), condition="map")
+    cfg.data.token_shards = str(tokens / "tok")
+    with pytest.raises(ValueError, match="condition 'reference'.*condition='map'"):
+        token_train_loader(cfg, 0, 1)
+    cfg.condition = "reference"
+    assert token_train_loader(cfg, 0, 1) is not None

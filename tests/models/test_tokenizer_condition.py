@@ -1,0 +1,41 @@
+"""The appearance-free condition (issue 29): with condition "map" the GPT's z_s tokens depend on the map alone."""
+
+import pytest
+import torch
+
+from svq_fast.config import QuantizerConfig, Stage2Config, SVQModelConfig
+from svq_fast.models.svq import SVQModel
+from svq_fast.models.tokenizer import Tokenizer
+
+
+def _coupled_model() -> SVQModel:
+    torch.manual_seed(0)
+    cfg = SVQModelConfig(
+        image_size=16, num_classes=5, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), norm_groups=4,
+        z_channels=8, semantic_z_channels=4,
+    )  # fmt: skip
+    return SVQModel(cfg, QuantizerConfig(image_codebook_size=32, semantic_codebook_size=32, backend="ref")).eval()
+
+
+def test_map_condition_ignores_the_image_and_reference_reads_it():
+    model = _coupled_model()
+    s = torch.randint(0, 5, (3, 16, 16))
+    x1, x2 = torch.rand(3, 3, 16, 16) * 2 - 1, torch.rand(3, 3, 16, 16) * 2 - 1  # two appearances of one map
+    ref, mapped = Tokenizer(model), Tokenizer(model, condition="map")
+    sem1, img1 = mapped(x1, s)
+    sem2, img2 = mapped(x2, s)
+    assert torch.equal(sem1, sem2)  # map-only z_s: unchanged when only the image changes
+    assert torch.equal(sem1, model.encode_semantic(s).flatten(1))
+    assert not torch.equal(img1, img2)  # z_x still reads the image
+    r1, r_img1 = ref(x1, s)
+    r2, _ = ref(x2, s)
+    assert not torch.equal(r1, r2)  # the paper's z_s reads (image, map)
+    assert torch.equal(r_img1, img1)  # the condition changes z_s only
+    assert torch.equal(mapped.semantic_tokens(x1, s, "reference"), r1)
+    assert torch.equal(ref.semantic_tokens(x2, s, "map"), sem1)
+
+
+def test_condition_is_checked_and_defaults_to_the_paper():
+    assert Stage2Config().condition == "reference"
+    with pytest.raises(ValueError, match="condition"):
+        Tokenizer(_coupled_model(), condition="image")
