@@ -363,11 +363,12 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: exercise the split path on larger test shapes
 
 
-def _default_split(n: int, k: int, device: torch.device) -> int:
-    """Split the codebook across programs when N alone cannot fill the GPU (2 waves of 64-row tiles)."""
-    row_blocks = triton.cdiv(n, 64)
+def _default_split(n: int, k: int, device: torch.device, block_n: int) -> int:
+    """Split the codebook across programs when N alone cannot fill the GPU: about 2 waves of the launched
+    BLOCK_N-row tiles (row blocks x splits ~ 2 x SMs), keeping >= 256 codes per split."""
+    row_blocks = triton.cdiv(n, block_n)
     want = max(1, (2 * _num_sms(device)) // row_blocks)
-    return max(1, min(want, triton.cdiv(k, 256)))  # keep >= 256 codes per split
+    return max(1, min(want, triton.cdiv(k, 256)))
 
 
 # fp32 dot precision. torch's "highest" (the default) means near-fp32 accuracy: "tf32x3" (three TF32 tensor-core
@@ -422,6 +423,29 @@ def argmin_candidates(d: int, dtype: torch.dtype) -> list[dict]:
     return out
 
 
+def _argmin_launch_config(d: int, dtype: torch.dtype, precision: str, config: dict | None) -> dict | None:
+    """The argmin kernel's config: the caller's, the interpreter's small tiles, the pinned default, or None
+    (SVQ_FAST_AUTOTUNE=1: the autotuner picks at launch)."""
+    if config is not None:
+        return config
+    if _interpreting():
+        return _INTERPRET_CONFIG
+    if not autotune_enabled() or (dtype == torch.float32 and precision == "ieee"):
+        # pinned; exact-fp32 FMA dots never autotune (their larger candidate tiles spill kilobytes)
+        return _default_argmin_config(d, dtype, precision)
+    return None
+
+
+def _argmin_split(n: int, k: int, z: torch.Tensor, config: dict | None, split: int | None, precision: str) -> int:
+    """Codebook splits for the launch: the caller's, or _default_split for the tile the kernel launches with (under
+    autotuning the tile is chosen at launch and k_per_split is part of its key, so the split reads the pinned
+    default's BLOCK_N, as the autotuner's first candidate does)."""
+    if split is not None:
+        return max(1, min(int(split), k))
+    tile = config if config is not None else _default_argmin_config(z.shape[1], z.dtype, precision)
+    return _default_split(n, k, z.device, tile["BLOCK_N"])
+
+
 def _triton_forward(
     z: torch.Tensor,
     e: torch.Tensor,
@@ -441,19 +465,15 @@ def _triton_forward(
     n, d = z.shape
     k = e.shape[0]
     esq = torch.linalg.vector_norm(e, dim=1, dtype=torch.float32).square_()  # (K,) fp32
-    split = _default_split(n, k, z.device) if split is None else max(1, min(int(split), k))
+    precision = _input_precision()
+    common = dict(IS_FP32=z.dtype == torch.float32, INPUT_PRECISION=precision)
+    config = _argmin_launch_config(d, z.dtype, precision, config)
+    split = _argmin_split(n, k, z, config, split, precision)
     k_per_split = triton.cdiv(k, split)
     split = triton.cdiv(k, k_per_split)  # no empty split
     part_val = torch.empty((split, n), device=z.device, dtype=torch.float32)  # (SPLIT, N)
     part_idx = torch.empty((split, n), device=z.device, dtype=torch.int32)  # (SPLIT, N)
-    precision = _input_precision()
-    common = dict(IS_FP32=z.dtype == torch.float32, INPUT_PRECISION=precision)
     args = (z, e, esq, part_val, part_idx, n, k, d, z.stride(0), e.stride(0), k_per_split, pow2_bucket(n))
-    if config is None and _interpreting():
-        config = _INTERPRET_CONFIG
-    elif config is None and (not autotune_enabled() or (common["IS_FP32"] and precision == "ieee")):
-        # pinned; exact-fp32 FMA dots never autotune (their larger candidate tiles spill kilobytes)
-        config = _default_argmin_config(d, z.dtype, precision)
     if config is None:
 
         def grid(meta):

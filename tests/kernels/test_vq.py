@@ -196,6 +196,48 @@ def test_triton_default_config_is_pinned(d, dtype):
             assert cfg["BLOCK_N"] * cfg["BLOCK_K"] * cfg["BLOCK_D"] <= 128 * 64 * 64
 
 
+class _GridSpy:
+    """Stands in for a Triton kernel: records each launch grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@needs_triton
+def test_triton_split_fills_two_waves_of_the_launched_tile(monkeypatch):
+    # issue 28 item 12: the split assumed 64-row tiles while the kernel launched others (128 rows pinned on the GPU,
+    # 32 in the interpreter), so small-N launches ran one wave (or four) instead of two. Interpreter: 4 "SMs".
+    spy = _GridSpy(vqmod._vq_argmin_kernel)
+    monkeypatch.setattr(vqmod, "_vq_argmin_kernel", spy)
+    z, e, _ = _inputs(64, 2048, 16, torch.float32)
+    indices, min_dist, _ = vqmod._triton_forward(z, e)
+    (grid,) = spy.grids
+    assert grid[0] == 64 // vqmod._INTERPRET_CONFIG["BLOCK_N"] and grid[0] * grid[1] == 2 * vqmod._num_sms(z.device)
+    truth = torch.cdist(z.double(), e.double()).square().min(1).values
+    torch.testing.assert_close(min_dist.double(), truth, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not vqmod._HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1024, 4096, 8192])
+def test_triton_split_reads_the_pinned_tile_on_a_gpu(monkeypatch, dtype, n):
+    # an H100's 132 SMs, the pinned config's BLOCK_N (128 rows): row blocks x splits reach two waves (or the cap of
+    # >= 256 codes per split); with 64-row arithmetic N = 4096 launched 128 programs, under one wave
+    monkeypatch.setattr(vqmod, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(vqmod, "_interpreting", lambda: False)
+    monkeypatch.delenv("SVQ_FAST_AUTOTUNE", raising=False)
+    z = torch.empty(n, 256, dtype=dtype)
+    cfg = vqmod._argmin_launch_config(256, dtype, "tf32x3", None)
+    assert cfg == vqmod._default_argmin_config(256, dtype, "tf32x3") and cfg["BLOCK_N"] == 128
+    split = vqmod._argmin_split(n, 16384, z, cfg, None, "tf32x3")
+    programs = -(-n // cfg["BLOCK_N"]) * split
+    assert 2 * 132 - -(-n // cfg["BLOCK_N"]) < programs <= 2 * 132, (n, split, programs)
+
+
 def test_fp32_precision_follows_torch_and_the_explicit_flag(monkeypatch):
     monkeypatch.delenv("SVQ_FAST_VQ_FP32_IEEE", raising=False)
     old = torch.get_float32_matmul_precision()
