@@ -198,9 +198,9 @@ def _attn_fwd(
     BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)  # grid (blocks, H, B): see _grid
+    off_b = tl.program_id(2).to(tl.int64)
+    pid_bh = off_b * H + off_h  # row of the (B * H, T_Q) LSE / DELTA
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
@@ -269,9 +269,9 @@ def _attn_bwd_preprocess(
     BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)  # grid (blocks, H, B): see _grid
+    off_b = tl.program_id(2).to(tl.int64)
+    pid_bh = off_b * H + off_h  # row of the (B * H, T_Q) LSE / DELTA
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T_Q
@@ -391,9 +391,9 @@ def _attn_bwd_dkdv(
     BLOCK_N: tl.constexpr,  # key block (this program)
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)  # grid (blocks, H, B): see _grid
+    off_b = tl.program_id(2).to(tl.int64)
+    pid_bh = off_b * H + off_h  # row of the (B * H, T_Q) LSE / DELTA
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     lse_base = LSE + pid_bh.to(tl.int64) * T_Q
@@ -540,9 +540,9 @@ def _attn_bwd_dq(
     BLOCK_N: tl.constexpr,  # key block (inner loop)
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    off_h = tl.program_id(1).to(tl.int64)  # grid (blocks, H, B): see _grid
+    off_b = tl.program_id(2).to(tl.int64)
+    pid_bh = off_b * H + off_h  # row of the (B * H, T_Q) LSE / DELTA
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
 
@@ -688,36 +688,70 @@ def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+# CUDA limits grid axes 1 and 2 to 65535 programs (axis 0 to 2^31 - 1). The query / key blocks stay on axis 0 and
+# vary fastest, so the programs running together share one head's K and V in L2 (FlashAttention-2's order); heads go
+# on axis 1 and the batch on axis 2 (a single B * H axis failed to launch above 65535, e.g. B = 4096 with H = 16).
+# A batch above the limit is launched in slices of at most _MAX_GRID_YZ (the kernels see a view of the slice).
+_MAX_GRID_YZ = 65535
+
+
+def _grid(n_blocks: int, b: int, h: int) -> tuple[int, int, int]:
+    """Launch grid (blocks along T, heads, batch) of every attention kernel, for a batch slice of b <= _MAX_GRID_YZ."""
+    if h > _MAX_GRID_YZ:
+        raise ValueError(f"flash_attention: {h} heads exceed the CUDA grid limit of {_MAX_GRID_YZ} on axis 1")
+    if b > _MAX_GRID_YZ:
+        raise ValueError(f"flash_attention: batch slice {b} exceeds {_MAX_GRID_YZ}; launch it via _batch_slices")
+    return (n_blocks, h, b)
+
+
+def _batch_slices(b: int) -> list[slice]:
+    """Batch slices of at most _MAX_GRID_YZ samples, one launch each."""
+    return [slice(lo, min(lo + _MAX_GRID_YZ, b)) for lo in range(0, b, _MAX_GRID_YZ)]
+
+
 def _fwd(q, k, v, prefix: int, sm_scale: float, blocks):
     b, h, t_q, d = q.shape
-    t_k = k.shape[2]
     o = torch.empty_like(q)  # (B, H, T_q, d)
     lse = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)  # (B, H, T_q) log2 units
+    for sl in _batch_slices(b):
+        _fwd_launch(q[sl], k[sl], v[sl], o[sl], lse[sl], prefix, sm_scale, blocks)
+    return o, lse
+
+
+def _fwd_launch(q, k, v, o, lse, prefix: int, sm_scale: float, blocks) -> None:
+    b, h, t_q, d = q.shape
+    t_k = k.shape[2]
     args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o))
     args += (h, t_q, t_k, prefix, sm_scale, _bucket(t_k), _bucket(t_q), _mask_kind(prefix, t_k))
     cfg = _launch_cfg("fwd", d, blocks)
     if cfg is None:
-        grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+        grid = lambda meta: _grid(triton.cdiv(t_q, meta["BLOCK_M"]), b, h)  # noqa: E731
         launch(_attn_fwd_tuned)[grid](*args, HEAD_DIM=d)
     else:
         bm, bn, warps, stages = cfg
-        launch(_attn_fwd)[(triton.cdiv(t_q, bm), b * h)](
+        launch(_attn_fwd)[_grid(triton.cdiv(t_q, bm), b, h)](
             *args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
         )
-    return o, lse
 
 
 def _bwd(do, q, k, v, o, lse, prefix: int, sm_scale: float, blocks):
-    b, h, t_q, d = q.shape
-    t_k = k.shape[2]
     delta = torch.empty_like(lse)  # (B, H, T_q) fp32
-    pre_block = 16 if _INTERPRET else 64
-    launch(_attn_bwd_preprocess)[(triton.cdiv(t_q, pre_block), b * h)](
-        o, do, delta, *_strides(o), *_strides(do), h, t_q, HEAD_DIM=d, BLOCK_M=pre_block
-    )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    for sl in _batch_slices(q.shape[0]):
+        _bwd_launch(do[sl], q[sl], k[sl], v[sl], o[sl], lse[sl], delta[sl], dq[sl], dk[sl], dv[sl], prefix,
+                    sm_scale, blocks)  # fmt: skip
+    return dq, dk, dv
+
+
+def _bwd_launch(do, q, k, v, o, lse, delta, dq, dk, dv, prefix: int, sm_scale: float, blocks) -> None:
+    b, h, t_q, d = q.shape
+    t_k = k.shape[2]
+    pre_block = 16 if _INTERPRET else 64
+    launch(_attn_bwd_preprocess)[_grid(triton.cdiv(t_q, pre_block), b, h)](
+        o, do, delta, *_strides(o), *_strides(do), h, t_q, HEAD_DIM=d, BLOCK_M=pre_block
+    )
     common = (h, t_q, t_k, prefix, sm_scale, _bucket(t_k), _bucket(t_q), _mask_kind(prefix, t_k))
     dkdv_args = (q, k, v, do, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(do))
     dkdv_args += (*_strides(dk), *_strides(dv), *common)
@@ -725,23 +759,22 @@ def _bwd(do, q, k, v, o, lse, prefix: int, sm_scale: float, blocks):
     dq_args += (*_strides(dq), *common)
     cfg = _launch_cfg("dkdv", d, blocks)
     if cfg is None:
-        grid_kv = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h)  # noqa: E731
+        grid_kv = lambda meta: _grid(triton.cdiv(t_k, meta["BLOCK_N"]), b, h)  # noqa: E731
         launch(_attn_bwd_dkdv_tuned)[grid_kv](*dkdv_args, HEAD_DIM=d)
     else:
         bm, bn, warps, stages = cfg
-        launch(_attn_bwd_dkdv)[(triton.cdiv(t_k, bn), b * h)](
+        launch(_attn_bwd_dkdv)[_grid(triton.cdiv(t_k, bn), b, h)](
             *dkdv_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
         )
     cfg = _launch_cfg("dq", d, blocks)
     if cfg is None:
-        grid_q = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+        grid_q = lambda meta: _grid(triton.cdiv(t_q, meta["BLOCK_M"]), b, h)  # noqa: E731
         launch(_attn_bwd_dq_tuned)[grid_q](*dq_args, HEAD_DIM=d)
     else:
         bm, bn, warps, stages = cfg
-        launch(_attn_bwd_dq)[(triton.cdiv(t_q, bm), b * h)](
+        launch(_attn_bwd_dq)[_grid(triton.cdiv(t_q, bm), b, h)](
             *dq_args, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages
         )
-    return dq, dk, dv
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:

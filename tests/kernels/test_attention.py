@@ -130,6 +130,42 @@ def test_strided_bthd_layout():
     _check_against_ref(q, k, v, causal=True, prefix_len=11, blocks=(16, 32), atol=2e-5, rtol=1e-4)
 
 
+class _GridSpy:
+    """Stands in for a Triton kernel: records each launch grid, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_grid_keeps_batch_and_heads_off_the_65535_axes():
+    # issue 28 item 12: B * H on grid axis 1 failed to launch above 65535 (B = 4096, H = 16 is 65536)
+    assert attn._grid(8, 4096, 16) == (8, 16, 4096)
+    assert attn._MAX_GRID_YZ == 65535
+    with pytest.raises(ValueError, match="heads exceed"):
+        attn._grid(8, 1, 70000)
+    slices = attn._batch_slices(200_000)
+    assert [s.stop - s.start for s in slices] == [65535, 65535, 65535, 3395]
+    assert slices[0].start == 0 and all(a.stop == b.start for a, b in zip(slices, slices[1:]))
+
+
+def test_batch_above_the_grid_limit_is_launched_in_slices(monkeypatch):
+    # the grid limit lowered to 3 so that the interpreter runs the sliced path on a small batch (B = 7, H = 3)
+    monkeypatch.setattr(attn, "_MAX_GRID_YZ", 3)
+    spies = {}
+    for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+        spies[name] = _GridSpy(getattr(attn, name))
+        monkeypatch.setattr(attn, name, spies[name])
+    q, k, v = _inputs(7, 3, 17, 17, 32, torch.float32)
+    _check_against_ref(q, k, v, causal=True, prefix_len=5, atol=2e-5, rtol=1e-4)
+    for name, spy in spies.items():
+        assert [g[2] for g in spy.grids] == [3, 3, 1], (name, spy.grids)  # batch slices on axis 2
+        assert all(g[1] == 3 for g in spy.grids), (name, spy.grids)  # heads on axis 1
+
+
 def test_fp16_interpreter_or_gpu():
     q, k, v = _inputs(1, 2, 65, 65, 64, torch.float16)
     _check_against_ref(q, k, v, causal=True, prefix_len=21, atol=2e-2, rtol=2e-2)
