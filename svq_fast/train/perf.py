@@ -17,11 +17,19 @@ from collections.abc import Callable
 
 import torch
 
-# Dense tensor-core peaks (FLOP/s) of common training GPUs, by dtype; fp32 means plain FP32 (no TF32).
-_GPU_PEAKS = {
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+# Dense (no 2:4 sparsity) datasheet peaks in TFLOP/s of the training GPUs, the one table of them (NVIDIA H100 / H200 /
+# A100 datasheets; their "with sparsity" figures halved). "fp32" is plain FP32 on the CUDA cores, "tf32" the tensor
+# cores on fp32 inputs. Matched against torch.cuda.get_device_name by the first key contained in the name, so the
+# specific variants come first: "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL"; the SXM parts report
+# "NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA GH200 480GB"; A100 SXM and PCIe have the same peaks.
+GPU_PEAKS_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "GH200": {"bf16": 989.5, "fp16": 989.5, "tf32": 494.7, "fp32": 67.0},
+    "H200": {"bf16": 989.5, "fp16": 989.5, "tf32": 494.7, "fp32": 67.0},  # SXM
+    "H100": {"bf16": 989.5, "fp16": 989.5, "tf32": 494.7, "fp32": 67.0},  # SXM ("H100 80GB HBM3")
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
 _cpu_peak_cache: dict[str, float] = {}
 
@@ -55,15 +63,38 @@ def measured_cpu_peak(dtype: str = "fp32") -> float:
     return _cpu_peak_cache[dtype]
 
 
+def tf32_enabled() -> bool:
+    """Whether fp32 work may run on TF32 tensor cores: cuDNN convolutions (torch.backends.cudnn.allow_tf32, on by
+    default) or matmuls (float32 matmul precision "high"/"medium", or torch.backends.cuda.matmul.allow_tf32)."""
+    return bool(
+        torch.backends.cudnn.allow_tf32
+        or torch.backends.cuda.matmul.allow_tf32
+        or torch.get_float32_matmul_precision() != "highest"
+    )
+
+
+def gpu_peak(name: str, precision: str, tf32: bool) -> tuple[float, str]:
+    """(dense peak FLOP/s, label naming it) of the GPU called `name` for a run in `precision` ("fp32" | "bf16" |
+    "fp16"): an fp32 run with TF32 on is measured against the TF32 peak (its convolutions / GEMMs run there; the fp32
+    peak would let MFU exceed 1). (nan, why) for a GPU not in GPU_PEAKS_TFLOPS."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"gpu_peak: precision {precision!r} is not one of fp32, bf16, fp16")
+    column = "tf32" if precision == "fp32" and tf32 else precision
+    for key, peaks in GPU_PEAKS_TFLOPS.items():
+        if key in name:
+            why = " (fp32 run, TF32 on)" if column == "tf32" else " (fp32 run, TF32 off)" if precision == "fp32" else ""
+            value = peaks[column]
+            return value * 1e12, f"{key} datasheet {column.upper()} dense {value:g} TFLOP/s{why}"
+    return float("nan"), f"unknown GPU {name!r}: no datasheet peak in svq_fast/train/perf.py GPU_PEAKS_TFLOPS"
+
+
 def device_peak(dev: torch.device, precision: str) -> tuple[float, str]:
-    """(peak FLOP/s of one device, how it was obtained)."""
+    """(peak FLOP/s of one device, label naming the peak): the datasheet table on CUDA (gpu_peak), a measured GEMM
+    on the CPU."""
     if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        for key, peaks in _GPU_PEAKS.items():
-            if key in name:
-                return peaks[precision], f"{key} datasheet {precision} dense"
-        return float("nan"), f"unknown GPU {name!r}"
-    return measured_cpu_peak(precision if precision != "fp16" else "fp32"), "CPU, measured 1024^3 GEMM"
+        return gpu_peak(torch.cuda.get_device_name(dev), precision, tf32_enabled())
+    dtype = "bf16" if precision == "bf16" else "fp32"
+    return measured_cpu_peak(dtype), f"CPU, measured {dtype} 1024^3 GEMM"
 
 
 def peak_memory_mib(dev: torch.device) -> float:
