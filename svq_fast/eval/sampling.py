@@ -183,18 +183,21 @@ def sample_images(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     progress: Callable[[int, int], None] | None = None,
+    latent_shape: tuple[int, int] | None = None,
+    window_stride: int | None = None,
 ) -> torch.Tensor:
     """The sampling path of recipes/sample.py and the app (svq_fast/app): semantic tokens (B, P) ->
-    samples_per_map images per map, (B * n, 3, H, W) in [-1, 1], map-major (sample j of map i at i * n + j)."""
+    samples_per_map images per map, (B * n, 3, H, W) in [-1, 1], map-major (sample j of map i at i * n + j).
+    latent_shape (h, w): the latent grid of larger or non-square maps (P = h * w), sampled by a sliding window of
+    the GPT's grid (svq_fast/eval/sliding_window.py; window_stride, default grid // 2); None: the GPT's grid."""
     sem = sem_tokens.repeat_interleave(samples_per_map, 0)  # (B * n, P)
-    tokens = sample_image_tokens(
-        gpt,
-        sem,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        guidance_scale=guidance_scale,
-        generator=generator,
-        progress=progress,
-    )
-    return tokenizer.decode(sem, tokens, gpt.cfg.grid)
+    g = gpt.cfg.grid
+    shape = (g, g) if latent_shape is None else tuple(latent_shape)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, generator=generator)
+    if shape == (g, g):
+        tokens = sample_image_tokens(gpt, sem, progress=progress, **kw)
+    else:
+        from svq_fast.eval.sliding_window import sample_image_tokens_window  # it imports this module
+
+        tokens = sample_image_tokens_window(gpt, sem, shape, stride=window_stride, progress=progress, **kw)
+    return tokenizer.decode(sem, tokens, shape)

@@ -297,6 +297,17 @@ class SemanticGPT(nn.Module):
             h = h + aligned[:, None]
         return self.head(self._run(h, cache)[:, -1])
 
+    def decode_chunk(self, img_tokens: torch.Tensor, cache, aligned: torch.Tensor | None = None) -> torch.Tensor:
+        """decode_step over t tokens at once: feed image tokens (B, t) at the next t positions (causal among
+        themselves); -> logits for the token after the last (B, V). aligned (B, t, C): row k is the aligned
+        condition of the token that input k predicts. The sliding-window sampler (svq_fast/eval/sliding_window.py)
+        catches a window's cache up with tokens its neighbours drew."""
+        pos = cache.length
+        h = self.img_emb(img_tokens) + self._positions(pos, img_tokens.shape[1], img_tokens.device)[None]
+        if aligned is not None:
+            h = h + aligned
+        return self.head(self._run(h, cache)[:, -1])
+
     def decode_step_at(
         self, img_token: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache, aligned: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -58,10 +58,12 @@ class Tokenizer:
         return self.image_model.encode(x, s)["indices_s"].flatten(1)
 
     @torch.no_grad()
-    def decode(self, sem_tokens: torch.Tensor, img_tokens: torch.Tensor, grid: int) -> torch.Tensor:
-        """Image tokens (B, N) (+ the condition for the coupled decoder) -> images (B, 3, H, W) in [-1, 1]."""
+    def decode(self, sem_tokens: torch.Tensor, img_tokens: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
+        """Image tokens (B, N) (+ the condition for the coupled decoder) -> images (B, 3, H, W) in [-1, 1]. grid: the
+        latent grid's side, or (rows, columns) for the larger / non-square grids of sliding-window sampling."""
         b = img_tokens.shape[0]
-        idx_x = img_tokens.view(b, grid, grid)
+        h, w = (grid, grid) if isinstance(grid, int) else grid
+        idx_x = img_tokens.view(b, h, w)
         if self.semantic_model is None:
-            return self.image_model.decode_indices(idx_x, sem_tokens.view(b, grid, grid))
+            return self.image_model.decode_indices(idx_x, sem_tokens.view(b, h, w))
         return self.image_model.decode_indices(idx_x, None)
