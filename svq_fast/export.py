@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
 
 import torch
 
-from svq_fast.config import ConfigError, Stage1Config, Stage2Config, from_json, to_json
+from svq_fast.config import ConfigError, Stage1Config, Stage2Config, set_value, to_json, validate
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.segmenter import Segmenter, SegmenterConfig
 from svq_fast.models.svq import SVQModel
@@ -82,9 +83,39 @@ def write_export(tensors: dict[str, torch.Tensor], config_json: str, out_dir: st
     blob["config_sha256"] = config_digest(blob)
     with open(os.path.join(tmp, CONFIG), "w") as f:
         json.dump(blob, f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    _swap_into_place(tmp, out_dir)
     return out_dir
+
+
+def _swap_into_place(tmp: str, out_dir: str) -> None:
+    """Put the finished directory `tmp` at `out_dir`. An export already there is exchanged with it in one
+    renameat2(RENAME_EXCHANGE) (Linux), so a reader always finds a whole export, the old one or the new one; where
+    that call is missing, the old one is renamed aside first (a moment without an export), then removed."""
+    if not os.path.isdir(out_dir):
+        os.replace(tmp, out_dir)
+        return
+    if _exchange(tmp, out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous export
+        return
+    aside = f"{out_dir.rstrip('/')}.replaced-{os.getpid()}"
+    os.replace(out_dir, aside)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE) -> False where unsupported."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
 
 
 def export_model(state_dict: dict[str, torch.Tensor], cfg, out_dir: str) -> str:
@@ -117,17 +148,20 @@ def read_files(export_dir: str, missing_hint: str) -> tuple[str, dict[str, torch
         raise ExportMismatch(f"{config} is not valid JSON ({e}): the export is damaged; export the model again") from e
     if not isinstance(blob, dict):
         raise ExportMismatch(f"{config} holds a JSON {type(blob).__name__}, expected an object")
-    recorded = blob.get("weights_sha256")
-    if recorded is None:
+    missing = [k for k in _IDENTITY_KEYS if blob.get(k) is None]
+    if missing:  # each hash is checked on its own: deleting one must not switch the other off
+        unchecked = {"weights_sha256": weights, "config_sha256": f"its settings ({config})"}
         warnings.warn(
-            f"{config} records no weights_sha256 (an export of an older version): {weights} cannot be checked",
+            f"{config} records no {' and no '.join(missing)} (an export of an older version, or one edited by "
+            f"hand): {' and '.join(unchecked[k] for k in missing)} cannot be checked",
             stacklevel=3,
         )
-    elif file_sha256(weights) != recorded:
+    recorded = blob.get("weights_sha256")
+    if recorded is not None and file_sha256(weights) != recorded:
         raise ExportMismatch(
             f"{weights} does not match the sha256 recorded in {config} (damaged, or replaced without its config)"
         )
-    elif blob.get("config_sha256") not in (None, config_digest(blob)):
+    if blob.get("config_sha256") not in (None, config_digest(blob)):
         raise ExportMismatch(
             f"{config} was edited after the export was written (its contents no longer match config_sha256): "
             "a changed setting such as ignore_index would silently change every result; export the model again"
@@ -143,14 +177,89 @@ def read_files(export_dir: str, missing_hint: str) -> tuple[str, dict[str, torch
 
 
 def read_export(export_dir: str):
-    """-> (typed config object, tensors) of a training run's export."""
+    """-> (typed config object, tensors) of a training run's export; its config.json goes through the CLI's strict
+    typed parser (see typed_config)."""
     text, tensors = read_files(
         export_dir, "export a trained model first (training writes <run_dir>/export/ at the end)"
     )
+    return typed_config(json.loads(text), os.path.join(export_dir, CONFIG)), tensors
+
+
+_CONFIG_TYPES = {"Stage1Config": Stage1Config, "Stage2Config": Stage2Config}
+
+
+def typed_config(blob: dict, where: str):
+    """A training config from a config.json's contents, through the same strict parser as the command line
+    (config.set_value + config.validate): every leaf is applied as if it were `--section.field=value`, so an
+    unknown key, a value of the wrong type (a string "16" for an int, an int for a string) and a Literal outside
+    its choices (`"kind": "evil"`) raise ExportMismatch naming `where` and the key. Keys the file leaves out keep
+    their defaults, as for older exports."""
+    cls = _CONFIG_TYPES.get(blob.get("type"))
+    if cls is None:
+        raise ExportMismatch(f"{where}: config type {blob.get('type')!r} is not one of {sorted(_CONFIG_TYPES)}")
+    if not isinstance(blob.get("config"), dict):
+        raise ExportMismatch(f"{where}: 'config' must be a JSON object of config sections")
+    cfg = _apply_json(cls(), blob["config"], where)
     try:
-        return from_json(text), tensors
-    except (ConfigError, KeyError, TypeError) as e:
-        raise ExportMismatch(f"{os.path.join(export_dir, CONFIG)} is not a training config: {e}") from e
+        validate(cfg)  # the ranges and cross-field checks the command line applies
+    except ConfigError as e:
+        raise ExportMismatch(f"{where} is not a valid config: {e}") from e
+    return cfg
+
+
+def _apply_json(cfg, section: dict, where: str):
+    """Set every leaf of `section` (nested JSON objects = config sections) on the dataclass `cfg`, strictly."""
+    try:
+        for key, value in _leaves(section):
+            text = _override_text(value)
+            if text is None:
+                raise ConfigError(f"{key}: {json.dumps(value)} is not a value a config field takes")
+            set_value(cfg, key, text)
+            parsed = getattr(_parent(cfg, key), key.rsplit(".", 1)[-1])
+            if not _same_json(parsed, value):  # parsed from text, but the file held another JSON type
+                want = json.dumps(list(parsed) if isinstance(parsed, tuple) else parsed)
+                raise ConfigError(f"{key}: {json.dumps(value)} is the wrong JSON type for this field (write {want})")
+    except ConfigError as e:
+        raise ExportMismatch(f"{where} is not a valid config: {e}") from e
+    return cfg
+
+
+def _leaves(section: dict, prefix: str = ""):
+    for key, value in section.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _parent(cfg, dotted: str):
+    for name in dotted.split(".")[:-1]:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _override_text(value) -> str | None:
+    """A JSON value as the command line spells it (None for one it cannot: nested lists, objects in lists)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (int, float, str)):
+        return str(value)  # str(float) is its shortest round-tripping repr
+    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return ",".join(str(v) for v in value)
+    return None
+
+
+def _same_json(parsed, value) -> bool:
+    """Whether the parsed field is the JSON value itself (int 1 for a float field is; "16" for an int is not)."""
+    if isinstance(parsed, tuple):
+        return isinstance(value, list) and len(parsed) == len(value) and all(map(_same_json, parsed, value))
+    if isinstance(parsed, bool) or isinstance(value, bool):
+        return type(parsed) is type(value) and parsed == value
+    if isinstance(parsed, float) and isinstance(value, (int, float)):
+        return parsed == value or (math.isnan(parsed) and math.isnan(value))
+    return type(parsed) is type(value) and parsed == value
 
 
 def load_state_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -254,10 +363,13 @@ def load_segmenter(path: str, device: torch.device | str = "cpu") -> tuple[Segme
     blob = json.loads(text)  # valid JSON: read_files checked it
     if blob.get("type") != SEGMENTER_TYPE:
         raise ValueError(f"{config} holds a {blob.get('type')!r} config, expected {SEGMENTER_TYPE}")
-    known = {f.name for f in dataclasses.fields(SegmenterConfig)}
-    unknown = sorted(set(blob["config"]) - known)
-    if unknown:
-        raise ValueError(f"{config}: unknown segmenter config keys {unknown}")
-    model = Segmenter(SegmenterConfig(**blob["config"]))
+    if not isinstance(blob.get("config"), dict):
+        raise ExportMismatch(f"{config}: 'config' must be a JSON object")
+    seg_cfg = _apply_json(SegmenterConfig(), blob["config"], config)  # strict, as a training config
+    try:
+        seg_cfg = SegmenterConfig(**dataclasses.asdict(seg_cfg))  # its own cross-field checks
+    except ValueError as e:
+        raise ExportMismatch(f"{config} is not a valid config: {e}") from e
+    model = Segmenter(seg_cfg)
     load_state_strict(model, tensors, os.path.join(path, WEIGHTS))
     return model.to(device).eval().requires_grad_(False), blob.get("meta", {})

@@ -10,10 +10,13 @@ Layout of a run directory:
 Writing: every rank saves into `checkpoints/.tmp-step00001000-<run id>`; after a barrier the ranks hash the files
 (each its share), the parameters are checked to be finite, rank 0 writes the manifest into the temporary tag and
 renames it to `step00001000`. An existing tag is never rewritten in place: it is renamed aside first and removed
-after the new one is in place. Pruning (`keep_last`) only ever removes tags of this run.
+after the new one is in place. A complete tag that records another run id is never replaced (CheckpointError
+before anything is written), and pruning (`keep_last`) only ever removes tags of this run.
 
 Reading: the manifest's sizes and hashes are checked (each rank its share) before DeepSpeed opens a file;
-`resume=auto` skips a damaged tag, says which file is wrong and falls back to the previous complete one.
+`resume=auto` skips a damaged tag, says which file is wrong and falls back to the previous complete one (also
+when the manifest itself is unreadable). RNG files of versions before the JSON state (`rng_rank{r}.pt`) load with
+weights_only=True and an allowlist of the four numpy globals they hold.
 
 DeepSpeed's own engine files (`<engine>/*.pt`) are pickles that `torch.load` them with weights_only=False inside
 DeepSpeed: a checkpoint directory must come from a trusted source. The hashes guard against damage, not against
@@ -164,6 +167,20 @@ def nonfinite_parameters(engines: dict) -> list[str]:
     return bad
 
 
+def _after_nonfinite(run_dir: str, run_id: str, last_good: str | None) -> str:
+    """What to do after non-finite parameters: the last complete checkpoint is the state they grew from, so
+    resuming it unchanged repeats the same steps (the run is deterministic) and the same divergence."""
+    if not last_good:
+        return "There is no complete checkpoint of this run: lower optim.lr or check the data and start again."
+    earlier = complete_checkpoints(run_dir, run_id)[:-1]
+    older = f"; earlier ones: {', '.join(os.path.basename(t) for t in earlier[-3:])}" if earlier else ""
+    return (
+        f"The last complete checkpoint, {last_good}, is the state this diverged from: resuming it as it is "
+        "replays the same data with the same random draws and diverges again. Lower optim.lr (or raise "
+        f"optim.warmup_steps, or fix the data) before resuming it, or resume an earlier checkpoint{older}."
+    )
+
+
 def _save_failed(tag_dir: str, step: int, err: BaseException, last_good: str | None) -> CheckpointError:
     """A clear error for a failed write (full disk, file-size limit, permissions), naming the file."""
     newest = ""
@@ -196,6 +213,9 @@ def save_checkpoint(
     tmp = os.path.join(root, f".tmp-{tag_name(step)}-{run_id or 'norun'}")
     rank = dist.rank()
     last_good = next(iter(complete_checkpoints(run_dir, run_id)[::-1]), None)
+    refusal = dist.broadcast_text(_foreign_tag(final, run_id, step) if rank == 0 else "")
+    if refusal:
+        raise CheckpointError(refusal)
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
@@ -215,10 +235,9 @@ def save_checkpoint(
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        previous = f"resume from {last_good}" if last_good else "there is no complete checkpoint to resume from"
         raise CheckpointError(
             f"step {step}: {len(bad_all)} parameter tensors hold NaN or inf (first: {bad_all[:3]}); this state was "
-            f"not saved as a checkpoint. Lower optim.lr or check the data, then {previous}."
+            f"not saved as a checkpoint. {_after_nonfinite(run_dir, run_id, last_good)}"
         )
     files = _hash_share(tmp, _files(tmp))
     if rank == 0:
@@ -230,10 +249,25 @@ def save_checkpoint(
             _install(tmp, final)
         except OSError as e:
             raise _save_failed(tmp, step, e, last_good) from e
-        for old in complete_checkpoints(run_dir, run_id)[:-keep_last] if keep_last > 0 else []:
+        mine = [t for t in complete_checkpoints(run_dir) if checkpoint_run_id(t) == run_id]  # never another run's
+        for old in mine[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _foreign_tag(final: str, run_id: str, step: int) -> str:
+    """Why `final` must not be replaced by this run's save ('' when it may): it is a complete checkpoint that
+    records another run id. (Tags of older versions carry no run id and cannot be told apart: replaced as before.)"""
+    other = checkpoint_run_id(final) if os.path.isdir(final) else ""
+    if not other or other == run_id:
+        return ""
+    return (
+        f"the step-{step} checkpoint of run {run_id or '(no id)'} would replace {final}, a complete checkpoint of "
+        f"another run, {other}: another run's checkpoints are never overwritten, so nothing was saved. The "
+        f"directory's run.json and its checkpoints disagree: train into another --run.out_dir, or move "
+        f"{os.path.dirname(final)} away first"
+    )
 
 
 def _install(tmp: str, final: str) -> None:
@@ -281,6 +315,15 @@ def complete_checkpoints(run_dir: str, run_id: str | None = None) -> list[str]:
     return out
 
 
+def unreadable_manifests(run_dir: str) -> list[str]:
+    """Tag directories whose COMPLETE file exists but does not parse (a save never leaves one: damage)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    tags = [os.path.join(root, t) for t in sorted(os.listdir(root)) if _TAG.match(t)]
+    return [t for t in tags if os.path.exists(os.path.join(t, COMPLETE)) and read_manifest(t) is None]
+
+
 def checkpoint_run_id(tag_dir: str) -> str:
     """The run id a checkpoint's manifest records ('' for older versions' markers)."""
     return str((read_manifest(tag_dir) or {}).get("run_id", ""))
@@ -298,6 +341,13 @@ def resume_candidates(run_dir: str, resume: str, run_id: str | None = None) -> l
     if not resume:
         return []
     if resume == "auto":
+        for tag in unreadable_manifests(run_dir):
+            print(
+                f"warning: {os.path.join(tag, COMPLETE)} exists but is not a readable manifest (truncated or "
+                "damaged): resume=auto skips that checkpoint and takes the newest complete one before it",
+                file=sys.stderr,
+                flush=True,
+            )
         return complete_checkpoints(run_dir, run_id)[::-1]
     if not os.path.exists(os.path.join(resume, COMPLETE)):
         raise FileNotFoundError(f"checkpoint {resume} has no {COMPLETE} marker: it is missing or was cut off mid-write")
@@ -338,7 +388,8 @@ def load_checkpoint(tag_dir: str, engines: dict, *, verified: bool = False) -> d
         legacy = os.path.join(tag_dir, f"rng_rank{dist.rank()}.pt")
         if os.path.exists(legacy):  # older versions: torch.save'd RNG states, read without unpickling code
             try:
-                set_rng_state_legacy(torch.load(legacy, weights_only=True))
+                with torch.serialization.safe_globals(_legacy_rng_globals()):
+                    set_rng_state_legacy(torch.load(legacy, weights_only=True))
             except Exception as e:
                 raise CheckpointError(
                     f"{legacy} (an older version's RNG file) cannot be read with weights_only=True: {e}"
@@ -348,6 +399,17 @@ def load_checkpoint(tag_dir: str, engines: dict, *, verified: bool = False) -> d
     if manifest.get("files") is None and dist.rank() == 0:
         print(f"warning: {tag_dir} was written by an older version: its files carry no hashes", file=sys.stderr)
     return client
+
+
+def _legacy_rng_globals() -> list:
+    """Exactly what an older version's `torch.save`d RNG file needs beyond weights_only's defaults: numpy's global
+    state (np.random.get_state) pickles its uint32 key array as ndarray + dtype (+ its class UInt32DType) +
+    _reconstruct (numpy 2 writes numpy._core..., numpy 1 numpy.core...). Nothing that runs code: a payload in the
+    file is still refused."""
+    from numpy._core.multiarray import _reconstruct
+
+    return [np.ndarray, np.dtype, np.dtypes.UInt32DType, _reconstruct,
+            (_reconstruct, "numpy.core.multiarray._reconstruct")]  # fmt: skip
 
 
 def set_rng_state_legacy(state: dict) -> None:

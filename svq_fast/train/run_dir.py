@@ -1,8 +1,10 @@
 """Per-run set-up shared by both stages: the run directory (its lock, its owner's run id, config.json), the
 fresh-start-or-resume decision, and CPU thread counts.
 
-    <run_dir>/LOCK         {"pid", "host", "start"} of the job writing the directory; a second job refuses to start
-                           while that process lives (a lock left by a dead process on this host is taken over)
+    <run_dir>/LOCK         {"pid", "host", "start"} of the job writing the directory (created whole: written aside,
+                           then hard-linked into place); a second job refuses to start while that process lives (a
+                           lock left by a dead process on this host, or by a process whose pid was reused, is
+                           taken over, saying which)
     <run_dir>/run.json     {"run_id", "events"}: the run that owns the directory (fresh per start, kept by resumes)
     <run_dir>/config.json  the typed config of the latest start
 """
@@ -22,7 +24,7 @@ import torch
 
 from svq_fast import dist
 from svq_fast.config import Stage2Config, to_json
-from svq_fast.train.checkpoint import complete_checkpoints, read_manifest
+from svq_fast.train.checkpoint import checkpoint_run_id, complete_checkpoints, read_manifest
 
 LOCK = "LOCK"
 RUN_FILE = "run.json"
@@ -112,8 +114,11 @@ def record_stage1_identity(cfg: Stage2Config, run_dir: str) -> None:
 
 def check_start(run_dir: str, *, resume: str, overwrite: bool) -> None:
     """A fresh start (resume '') in a directory that holds complete checkpoints refuses, so two runs never mix;
-    with overwrite it removes the previous run's outputs first. Resuming is always allowed."""
+    with overwrite it removes the previous run's outputs first. A resume refuses when run.json (or the checkpoint
+    asked for) names another run than the directory's checkpoints: it would start afresh, or continue another
+    run, and its saves would land on those checkpoints' names."""
     if resume:
+        check_resume_owner(run_dir, resume)
         return
     found = complete_checkpoints(run_dir)
     if not found:
@@ -136,6 +141,54 @@ def check_start(run_dir: str, *, resume: str, overwrite: bool) -> None:
             os.remove(path)
             removed.append(name)
     print(f"run.overwrite=true: removed the previous run's {', '.join(removed)} from {run_dir}", flush=True)
+
+
+def _runs(tags: list[str]) -> dict[str, list[str]]:
+    """{run id: its tags, oldest first} ('' for tags of older versions, which record none)."""
+    out: dict[str, list[str]] = {}
+    for t in tags:
+        out.setdefault(checkpoint_run_id(t), []).append(t)
+    return out
+
+
+def _describe(runs: dict[str, list[str]]) -> str:
+    return "; ".join(
+        f"{len(t)} of run {rid or '(none: written by an older version)'}, newest {os.path.basename(t[-1])}"
+        for rid, t in runs.items()
+    )
+
+
+def check_resume_owner(run_dir: str, resume: str) -> None:
+    """RunDirError when the run a resume would continue is not the run of the directory's checkpoints: with
+    resume=auto, run.json naming a run none of them belongs to (e.g. checkpoints copied in from elsewhere); with
+    a path, a checkpoint of another run than the ones in the directory."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        return
+    runs = _runs(found)
+    run_file = os.path.join(run_dir, RUN_FILE)
+    owner = read_run_id(run_dir)
+    if resume == "auto":
+        if not owner or owner in runs:
+            return
+        newest = checkpoint_run_id(found[-1])
+        raise RunDirError(
+            f"{run_file} names run {owner}, but none of the {len(found)} complete checkpoint(s) in "
+            f"{os.path.join(run_dir, 'checkpoints')} belongs to it ({_describe(runs)}): --run.resume=auto would "
+            f"start run {owner} afresh at step 0 beside them, and another run's checkpoints are never overwritten. "
+            f'If they are this run\'s, set "run_id" in {run_file} to {newest or "the id they record"} (or delete '
+            f"{run_file}) and resume again; to start a new run, choose another --run.out_dir, or pass "
+            "--run.resume= --run.overwrite=true to delete them first."
+        )
+    mine = checkpoint_run_id(resume)
+    # the directory's run: run.json's when its checkpoints are here, else every run id its checkpoints record
+    others = {rid: t for rid, t in runs.items() if rid and rid != mine and (rid == owner or owner not in runs)}
+    if mine and others:
+        raise RunDirError(
+            f"--run.resume={resume} is a checkpoint of run {mine}, but {run_dir} holds checkpoints of another run "
+            f"({_describe(others)}): continuing run {mine} there would mix two runs in one directory. Resume into "
+            "another --run.out_dir."
+        )
 
 
 def new_run_id() -> str:
@@ -178,21 +231,71 @@ def _start_time(pid: int) -> str:
     return dist.process_start(pid) or ""
 
 
-def _alive(pid: int, start: str) -> bool:
-    """Whether the lock holder still runs: the pid exists, is no zombie, and (with /proc) started when it did."""
+def _gone(pid: int, start: str) -> str:
+    """Why the lock holder `pid` (started at `start`, clock ticks since boot) no longer runs; '' while it does: the
+    pid exists, is no zombie, and (with /proc) started when the holder did."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return f"pid {pid} on this host is gone"
     except PermissionError:
-        return True
+        return ""
     if not os.path.isdir("/proc/self"):
-        return True
+        return ""
     now = dist.process_start(pid)
-    return now is not None and not (start and now != start)
+    if now is None:
+        return f"pid {pid} on this host is gone (a zombie)"
+    if start and now != start:
+        return (
+            f"pid {pid} now belongs to another process, started at clock tick {now} since boot; the lock's holder "
+            f"started at tick {start}"
+        )
+    return ""
 
 
 _held: set[str] = set()
+_LOCK_FILL_SECONDS = 5.0  # how long an empty or half-written LOCK is taken for one being written (older versions)
+
+
+def _create_lock(path: str, blob: dict) -> None:
+    """Create `path` holding `blob` in one step (FileExistsError if it exists): the JSON goes into a private file
+    first, which is then hard-linked to the lock's name, so no reader ever sees an empty LOCK."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(blob, f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: exclusive create, then fill (a short empty moment)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(blob, f)
+    finally:
+        os.remove(tmp)
+
+
+def _read_holder(path: str) -> dict | None:
+    """The lock's holder ({} for a lock that stays empty or unreadable; None when it vanished meanwhile). A lock
+    that does not parse yet while it is young may be being written: read again for up to _LOCK_FILL_SECONDS."""
+    while True:
+        try:
+            with open(path) as f:
+                text = f.read()
+            age = time.time() - os.path.getmtime(path)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            blob = json.loads(text)
+            return blob if isinstance(blob, dict) else {}
+        except ValueError:
+            if not 0 <= age < _LOCK_FILL_SECONDS:
+                return {}
+        time.sleep(0.1)
 
 
 def acquire_lock(run_dir: str) -> None:
@@ -202,13 +305,11 @@ def acquire_lock(run_dir: str) -> None:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()), "time": time.time()}
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _create_lock(path, me)
         except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = json.load(f)
-            except (OSError, ValueError):
-                holder = {}
+            holder = _read_holder(path)
+            if holder is None:
+                continue  # released while we looked: try again
             if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
                 _held.add(os.path.abspath(path))
                 return  # this process already holds it
@@ -218,19 +319,19 @@ def acquire_lock(run_dir: str) -> None:
                     "job is writing this run directory. If that job is dead, delete the lock file and start again."
                 ) from None
             pid = holder.get("pid")
-            if isinstance(pid, int) and _alive(pid, holder.get("start", "")):
+            valid = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+            why = _gone(pid, str(holder.get("start", ""))) if valid else "it names no process: empty or damaged"
+            if not why:
                 raise RunDirError(
                     f"{run_dir} is locked by a running job (pid {pid} on this host, {path}): two jobs must not write "
                     "one run directory. Wait for it to finish (or stop it), or choose another --run.out_dir."
                 ) from None
-            print(f"removing the stale lock {path} (pid {pid} on this host is gone)", flush=True)
+            print(f"removing the stale lock {path} ({why})", flush=True)
             try:
                 os.remove(path)
             except FileNotFoundError:
                 pass
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
         _held.add(os.path.abspath(path))
         return
     raise RunDirError(f"cannot take the lock {path}: it keeps being re-created by another job")
