@@ -19,7 +19,13 @@ Metrics:
   segmenter's mIoU on the samples (and on the real images, its reference) and the usage of generated codes; and the
   diagnostic table (svq_fast/eval/diagnostics.py): real images, reconstructions, decodes with another scene's z_x
   and with random z_x, GPT samples, null-condition samples and guided samples (--diagnostics-guidance), each
-  scored by the segmenter against the map, plus the image-token NLL with and without the condition.
+  scored by the segmenter against the map, plus the image-token NLL with and without the condition; and the
+  diversity rows (svq_fast/eval/diversity.py): the within-map spread of K draws per map (pixels, segmenter features,
+  LPIPS with --vgg-weights) for real re-renders of the map, GPT samples with map-only and with reference z_s and
+  decodes of other scenes' and random z_x, as ratios to the re-renders', FSD of the draws to the re-renders, the
+  colour distance to the reference, and the z_x probe (decode(z_s of A, z_x of B): does appearance follow z_x?).
+Every metrics.json records the protocol (settings.protocol): segmenter sha256, FSD / FID features, resolution,
+draws per map, sampling settings, the z_s kind, and the exports' sha256.
 Metrics whose network was not given are reported as "n/a (no weights)".
 The real images' FID / FSD statistics are cached (--stats-cache) per shard list, network and sample count.
 
@@ -31,7 +37,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from svq_fast.eval.run import EvalConfig, default_stats_cache, run_evaluation
+from svq_fast.eval.run import EvalConfig, EvaluationError, default_stats_cache, run_evaluation
 
 
 def parse_args(argv=None) -> EvalConfig:
@@ -60,11 +66,19 @@ def parse_args(argv=None) -> EvalConfig:
     g.add_argument("--guidance", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
-        "--semantic-tokens",
-        choices=("reference", "map-only"),
-        default="reference",
-        help="z_s from (real image, map) as in the paper, or from the map alone (coupled models)",
+        "--condition",
+        choices=("reference", "map"),
+        default="",
+        help="z_s from (real image, map) as in the paper, or from the map alone (encode_semantic; coupled models); "
+        "default: what the GPT was trained on (its config's condition)",
     )
+    g.add_argument(
+        "--diversity-maps",
+        type=int,
+        default=32,
+        help="diversity rows: K draws for each of the first N held-out maps (0: off; svq_fast/eval/diversity.py)",
+    )
+    g.add_argument("--diversity-draws", type=int, default=4, help="K of the diversity rows (>= 2)")
     g.add_argument(
         "--diagnostics-guidance",
         type=float,
@@ -86,7 +100,11 @@ def parse_args(argv=None) -> EvalConfig:
 
 
 def main(argv=None) -> int:
-    run_evaluation(parse_args(argv))
+    try:
+        run_evaluation(parse_args(argv))
+    except EvaluationError as e:  # nothing could be scored: a clear line and exit 1, not a table of n/a
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

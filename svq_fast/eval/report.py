@@ -28,7 +28,11 @@ def markdown(res: dict) -> str:
     m, s = res["metrics"], res["settings"]
     name = res["model"]
     where = os.path.dirname(s["shards"][0])
-    data = f"{len(s['shards'])} shard(s) in {where}, first {s['samples']} samples, {s['image_size']}px"
+    scored = s.get("samples_scored", s["samples"])  # older metrics.json files: every planned sample was scored
+    read = f"first {s['samples']} samples"
+    if scored < s["samples"]:
+        read += f", only {scored} of them readable and scored"
+    data = f"{len(s['shards'])} shard(s) in {where}, {read}, {s['image_size']}px"
     lines = []
     if res["mode"] == "stage1":
         lines += [
@@ -55,7 +59,7 @@ def markdown(res: dict) -> str:
             f"# Semantic image synthesis: {name}",
             "",
             f"Data: {data}. One sample per map: temperature {sm['temperature']}, top-k {sm['top_k']}, top-p "
-            f"{sm['top_p']}, guidance {sm['guidance_scale']}, seed {sm['seed']}, z_s from {sm['semantic_tokens']}. "
+            f"{sm['top_p']}, guidance {sm['guidance_scale']}, seed {sm['seed']}, z_s: {sm['semantic_tokens']}. "
             "SSIM / LPIPS against the real image with the same map; samples rounded to 8 bits.",
             "",
             "## Generation (paper Table 1 layout)",
@@ -93,6 +97,8 @@ def markdown(res: dict) -> str:
         else:
             other.append((f"codebook usage: {cb_name}", cb))
     lines += [f"| {k} | {v} |" for k, v in other]
+    if "protocol" in s:
+        lines += ["", *protocol_markdown(s["protocol"], s)]
     cols = [c for c in res["per_class"][0] if c not in ("class", "id")] if res["per_class"] else []
     headers = {
         "gt_pixel_share": "ground-truth pixels",
@@ -108,7 +114,86 @@ def markdown(res: dict) -> str:
     lines += ["", "n/a: the class is absent from both the ground truth and the prediction.", ""]
     if "diagnostics" in m:
         lines += diagnostics_markdown(m["diagnostics"])
+    if scored < s["samples"]:  # right under the title: every number covers the scored images only
+        lines[1:1] = ["", f"**Warning: only {scored} of the {s['samples']} planned samples could be read and were "
+                      f"scored**; the other {s['samples'] - scored} were unreadable (see the evaluation's "
+                      f"svq_fast.data warnings). Every number below covers those {scored} images only."]  # fmt: skip
+    if "diversity" in m:
+        lines += diversity_markdown(m["diversity"])
     return "\n".join(lines)
+
+
+def protocol_markdown(p: dict, settings: dict | None = None) -> list[str]:
+    """The evaluation protocol of a metrics.json (settings.protocol, svq_fast/eval/tasks.py:protocol) as a list."""
+    seg = p.get("segmenter")
+    seg_text = (f"`{os.path.basename(seg['path'])}` sha256 {seg['sha256'][:16]}... (its own val mIoU "
+                f"{_fmt(seg.get('val_miou'), 2, 100)}%)" if seg else "none")  # fmt: skip
+    items = [("segmenter", seg_text), ("FSD", p["fsd"]), ("FID", p["fid"]), ("LPIPS", p["lpips"]),
+             ("resolution", f"{p['resolution']}px")]  # fmt: skip
+    if settings is not None and "samples" in settings:
+        items.append(("held-out maps", f"{settings['samples']} (of {settings.get('samples_available', '?')})"))
+    items.append(("draws per map", f"{p['draws_per_map']} (Table 1)"))
+    if "diversity" in p:
+        items.append(("diversity rows", f"{p['diversity']['draws_per_map']} draws for each of the first "
+                                        f"{p['diversity']['maps']} maps"))  # fmt: skip
+    if "sampling" in p:
+        sm = p["sampling"]
+        items.append(("sampling", ", ".join(f"{k} {v}" for k, v in sm.items())))
+    if "z_s" in p:
+        items.append(("z_s", f"{p['z_s']}; the GPT was trained on condition {p.get('gpt_trained_on')!r}"))
+    items += [(f"{name} export sha256", f"{h[:16]}...") for name, h in p["exports_sha256"].items()]
+    return ["## Protocol", "", *[f"- {k}: {v}" for k, v in items], ""]
+
+
+def diversity_markdown(d: dict) -> list[str]:
+    """The diversity rows and the z_x probe of svq_fast/eval/diversity.py."""
+    lines = [
+        f"## One map, many images ({d['draws_per_map']} draws for each of the first {d['maps']} held-out maps)",
+        "",
+        f"Spread: mean pairwise distance between the draws of one map (pixel L1 in [0, 1]; L2 of segmenter "
+        f"features; diversity-LPIPS), and its ratio to the real re-renders' (the same layout with fresh textures: "
+        f"{d['rerenders']}). FSD to re-renders: all draws against all re-renders of the same maps (coverage). Colour "
+        f"to reference: per class, the draws' mean colour against the real image of the map (L2 in [0, 1] RGB; a "
+        f"re-render's is what an independent real draw gets, a smaller one copies the reference). The decode rows "
+        f"use z_s of kind {d['decode_rows_condition']!r}.",
+        "",
+        "| images | maps | pixel L1 | ratio | feature L2 | ratio | LPIPS | ratio | FSD to re-renders | colour to reference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        lpips = "n/a" if isinstance(r["lpips"], str) else _fmt(r["lpips"], 3)
+        lpips_ratio = "n/a" if isinstance(r["lpips_ratio"], str) else _fmt(r["lpips_ratio"], 2)
+        cells = [r["images"], str(r["maps"]), _fmt(r["pixel_l1"], 3), _ratio(r["pixel_ratio"]),
+                 _fmt(r["feature_l2"], 3), _ratio(r["feature_ratio"]), lpips, lpips_ratio,
+                 _fmt(r["fsd_to_rerenders"], 3), _fmt(r["colour_distance_to_reference"], 3)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if d["rows"] and isinstance(d["rows"][0]["lpips"], str):
+        lines += ["", f"LPIPS: {d['rows'][0]['lpips']}."]
+    probe = d["zx_probe"]
+    lines += [
+        "",
+        "z_x probe: decode(z_s of map A, z_x of scene B) on the pixels where A and B have the same class; is the "
+        "decode's mean colour there closer to B's (the z_x source) than to A's? (a case: a class with >= 16 such "
+        "pixels and A's and B's colours >= 0.1 apart)",
+        "",
+        "| z_s of A | cases | closer to B (z_x) | colour distance to B | to A | bar | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, r in probe.items():
+        lines.append(
+            f"| {kind} | {r['cases']} | {_fmt(r['share_following_zx'], 3)} | "
+            f"{_fmt(r['colour_distance_to_zx_source'], 3)} | {_fmt(r['colour_distance_to_zs_source'], 3)} | "
+            f"{r['bar']} | {_yes(r['met'])} |"
+        )
+    return [*lines, ""]
+
+
+def _ratio(v) -> str:
+    return "n/a" if isinstance(v, str) else f"{v:.2f}x"
+
+
+def _yes(v) -> str:
+    return v if isinstance(v, str) else ("yes" if v else "no")
 
 
 def diagnostics_markdown(d: dict) -> list[str]:

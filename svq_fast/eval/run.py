@@ -2,7 +2,9 @@
 -> metrics aggregated over ranks -> <out>/metrics.json and <out>/metrics.md. recipes/evaluate.py is its CLI.
 
 Data: held-out shards (EvalConfig.shards; default: the synthetic val split of the model's data config), read once
-each, center-cropped, unflipped, in shard-list order; max_samples N evaluates the first N of that order. Batches of
+each, center-cropped, unflipped, in shard-list order; max_samples N evaluates the first N of that order. Samples
+that cannot be read are left out: settings.samples_scored says how many were scored (metrics.md warns when that is
+fewer than planned); an evaluation that scored none raises EvaluationError (evaluate.py exits 1). Batches of
 that one sequence are split over ranks (svq_fast/eval/ranks.py); every metric is a streaming state summed or merged
 over ranks at the end, so the result does not depend on the number of ranks (stage 2 seeds each batch's sampling
 by (seed, batch number): same samples for any rank count at a fixed batch size). Every generated or reconstructed
@@ -20,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from svq_fast import dist
 from svq_fast.data.labels import space_for
 from svq_fast.eval.fid import save_stats
 from svq_fast.eval.metrics import per_class_stats
@@ -57,7 +60,9 @@ class EvalConfig:
     top_p: float | None = None
     guidance: float | None = None
     seed: int = 0
-    semantic_tokens: Literal["reference", "map-only"] = "reference"  # z_s from (image, map) or from the map alone
+    condition: Literal["", "reference", "map"] = ""  # z_s from (image, map) or the map alone; "": the GPT's own
+    diversity_maps: int = 32  # stage 2: K draws for each of the first N maps (svq_fast/eval/diversity.py); 0 = off
+    diversity_draws: int = 4
     # stage 2: guidance scale of the diagnostic table's guided row (0 = no diagnostic sampling rows)
     diagnostics_guidance: float = 3.0
     cpu: bool = False  # stay on the CPU even when a GPU is present
@@ -86,22 +91,28 @@ def evaluate(args, ranks, dev, task) -> dict:
     scorer = Scorer(args, dev, task.num_classes, task.ignore_index)
     truth = ConfusionMatrix(task.num_classes, task.ignore_index)  # the maps against themselves: class pixel counts
     task.attach(scorer)  # tasks that score extra rows (stage 2's diagnostics) use the same networks
-    loader = eval_loader(task.shards, args.batch_size, args.num_workers, task.image_size)
+    try:
+        loader = eval_loader(task.shards, args.batch_size, args.num_workers, task.image_size)
+    except (OSError, ValueError) as e:  # no readable sample at all, a missing index, a shard that is not there
+        raise EvaluationError(f"cannot evaluate on {_named(task.shards)}: {e}") from e
     total = loader.dataset.num_samples
     n = min(total, args.max_samples) if args.max_samples > 0 else total
     todo = {}
     if task.has_image:
         todo = scorer.use_cache(args.stats_cache, task.shards, {"image_size": task.image_size, "samples": n})
     t0 = time.time()
+    scored = torch.zeros(1, dtype=torch.float64)  # samples this rank scored (unreadable ones arrive as pads)
     with torch.no_grad():
         for b, batch in my_batches(loader, ranks, n, args.batch_size):
             x, s = batch["image"].to(dev), batch["label"].to(dev)
             truth.update(s, s)
-            task.step(b, x, s, scorer)
+            scored += x.shape[0]
+            task.step(b, x, s, scorer, batch["key"])
     seconds = time.time() - t0
     # collectives, in the same order on every rank
     scorer.all_reduce()
     truth.all_reduce()
+    dist.all_reduce_sum_(scored)
     extra = task.finish()
     if ranks.is_main:
         for name, (path, key) in todo.items():
@@ -132,6 +143,7 @@ def evaluate(args, ranks, dev, task) -> dict:
             **task.settings,
             "shards": [os.path.abspath(s) for s in task.shards],
             "samples": n,
+            "samples_scored": int(scored.item()),  # < samples when some could not be read (report.py warns)
             "samples_available": total,
             "image_size": task.image_size,
             "batch_size": args.batch_size,
@@ -168,4 +180,19 @@ def run_evaluation(cfg: EvalConfig) -> dict:
             f.write(md_text)
         print(md_text)
     ranks.barrier()
+    if res["settings"]["samples_scored"] == 0:  # the same on every rank: summed over them
+        raise EvaluationError(
+            f"no sample was scored: none of the {res['settings']['samples']} planned sample(s) of "
+            f"{_named(task.shards)} could be read (see the svq_fast.data warnings above); {cfg.out}/metrics.json "
+            "records samples_scored 0 and no metric. Check or rewrite the shards (python -m svq_fast.data.make_shards)"
+        )
     return res
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation could not score anything; the message names the shards. recipes/evaluate.py exits 1."""
+
+
+def _named(shards: list[str]) -> str:
+    head = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+    return f"the {len(shards)} shard(s) {head}"

@@ -360,3 +360,57 @@ def test_stage2_end_to_end(assets):
     # an untrained GPT predicts ~uniformly over the image vocabulary: log2(V) bits per token
     assert abs(nll["condition"] - math.log2(q.image_codebook_size)) < 0.5
     assert "## Where the semantics get lost" in md and "bits per token" in md
+
+
+def test_stage2_diversity_rows_and_protocol(assets):
+    """K draws per map against real re-renders of the map (issue 29), the z_x probe, and the protocol in
+    metrics.json; the GPT's own condition is the default z_s kind."""
+    import itertools
+
+    import numpy as np
+
+    from svq_fast.data.synthetic import SyntheticSpec, render_scene
+
+    tmp = assets["tmp"]
+    torch.manual_seed(0)
+    q = named_configs.svqgan_tiny().quantizer
+    cfg = Stage2Config(
+        model=GPTConfig(image_vocab=q.image_codebook_size, semantic_vocab=q.semantic_codebook_size, grid=16,
+                        n_layer=1, n_head=2, n_embd=32),
+        stage1=assets["stage1"], data=DataConfig(image_size=64), condition="map",
+    )  # fmt: skip
+    export_model(SemanticGPT(cfg.model).state_dict(), cfg, str(tmp / "gpt_map"))
+    args = ["--mode", "stage2", "--gpt", str(tmp / "gpt_map"), "--max-samples", "4", "--batch-size", "4",
+            "--segmenter", assets["segmenter"], "--diversity-maps", "3", "--diversity-draws", "3",
+            "--diagnostics-guidance", "0"]  # fmt: skip
+    res, md = _run(assets, tmp / "out_div", *args)
+    d = res["metrics"]["diversity"]
+    names = [r["images"] for r in d["rows"]]
+    assert names == ["real re-renders", "GPT samples, map-only z_s", "GPT samples, reference z_s",
+                     "decodes, other scenes' z_x", "decodes, random z_x"]  # fmt: skip
+    assert all(r["maps"] == 3 for r in d["rows"]) and d["draws_per_map"] == 3
+    real = d["rows"][0]
+    # the real spread, recomputed: the val split's first 3 scenes, texture seeds 0..2, mean pairwise L1 in [0, 1]
+    spreads = []
+    for i in range(3):
+        imgs = [render_scene(SyntheticSpec(size=64, seed=0), 10_000_000 + i, texture_seed=t)[0] / 255.0
+                for t in range(3)]  # fmt: skip
+        spreads.append(np.mean([np.abs(a - b).mean() for a, b in itertools.combinations(imgs, 2)]))
+    assert abs(real["pixel_l1"] - float(np.mean(spreads))) < 1e-6
+    assert real["pixel_ratio"] == 1.0 and real["feature_ratio"] == 1.0 and real["fsd_to_rerenders"] < 1e-6
+    assert real["lpips"].startswith("n/a (no --vgg-weights")
+    for r in d["rows"][1:]:
+        assert isinstance(r["pixel_ratio"], float) and isinstance(r["fsd_to_rerenders"], float)
+    assert set(d["zx_probe"]) == {"map", "reference"}
+    # the z_s kind defaults to the GPT's condition, and the protocol names instruments, settings and exports
+    assert res["settings"]["sampling"]["semantic_tokens"] == "map alone (encode_semantic)"
+    p = res["settings"]["protocol"]
+    assert p["segmenter"]["sha256"] == weights_sha256(assets["segmenter"])
+    assert p["exports_sha256"] == {"gpt": weights_sha256(str(tmp / "gpt_map")),
+                                   "stage1": weights_sha256(assets["stage1"])}  # fmt: skip
+    assert p["resolution"] == 64 and p["diversity"] == {"maps": 3, "draws_per_map": 3}
+    assert p["z_s"] == "map alone (encode_semantic)" and p["gpt_trained_on"] == "map"
+    assert "## One map, many images" in md and "## Protocol" in md and "z_x probe" in md
+    ref, _ = _run(assets, tmp / "out_div_ref", *args, "--condition", "reference", "--diversity-maps", "0")
+    assert ref["settings"]["protocol"]["z_s"] == "reference (real image, map)" and "diversity" not in ref["metrics"]
+    assert ref["metrics"]["ssim"] != res["metrics"]["ssim"]  # another condition, other samples
