@@ -28,7 +28,8 @@ from urllib.parse import urlparse, urlunparse
 import braceexpand
 import torch
 
-from svq_fast.data.reader import FaultPolicy, count_samples, is_stream, read_bytes
+from svq_fast.data.faults import DataFaultWarning
+from svq_fast.data.reader import FaultPolicy, count_readable, is_stream, read_bytes
 from svq_fast.data.shards import INDEX_NAME
 
 _TAR_WORD = re.compile(r"[^\s/'\"=:]+\.tar\b")
@@ -180,9 +181,13 @@ def _indexes(shards: list[str], faults: FaultPolicy | None) -> dict[str, dict | 
 
 def shard_counts(shards: list[str], *, faults: FaultPolicy | None = None) -> list[int]:
     """Samples per shard from the index beside each shard. Local shards it does not list are counted by reading
-    their tar headers (with a warning); a streamed shard without an index entry raises, naming the URLs."""
+    their tar headers (with a warning); one that cannot be read to its end (an empty file, random bytes, a cut
+    tar: e.g. a stray `.tar` beside the shards) counts its readable samples only, and is named in a
+    DataFaultWarning like any other bad shard: the run goes on without it (the loader's bound,
+    data.max_bad_fraction, is about samples it has to replace; these are not planned at all). A streamed shard
+    without an index entry raises, naming the URLs."""
     indexes = _indexes(shards, faults)
-    counts, scanned = [], []
+    counts, scanned, bad = [], [], []
     for s in shards:
         index = indexes[index_url(s)]
         listed = [] if isinstance(index, Exception) else index.get("shards", [])
@@ -192,7 +197,16 @@ def shard_counts(shards: list[str], *, faults: FaultPolicy | None = None) -> lis
             if is_stream(s):
                 why = str(index) if isinstance(index, Exception) else f"{index_url(s)} does not list {shard_name(s)}"
                 raise MissingIndex(f"no sample count for the streamed shard {s}: {why}")
-            n = count_samples(s)
+            n, error = count_readable(s)
+            if error:
+                bad.append(s)
+                warnings.warn(
+                    f"svq_fast.data: skipped the rest of the unlisted shard {error}; it is not listed in "
+                    f"{index_url(s)}, so only its {n} readable sample(s) are used and the run goes on "
+                    f"({len(bad)} such shard(s) so far). Rewrite it with make_shards, or remove it.",
+                    DataFaultWarning,
+                    stacklevel=2,
+                )
             scanned.append(s)
         counts.append(n)
     if scanned:

@@ -264,8 +264,22 @@ def iter_samples(
 
 
 def count_samples(url: str, timeout: float = 60.0) -> int:
-    """Samples in a shard, from its member names (data is skipped, not copied)."""
-    stream = open_url(url, timeout)
+    """Samples in a shard, from its member names (data is skipped, not copied); StreamError naming the URL for a
+    shard that cannot be read to its end."""
+    n, error = count_readable(url, timeout)
+    if error:
+        raise StreamError(error)
+    return n
+
+
+def count_readable(url: str, timeout: float = 60.0) -> tuple[int, str]:
+    """(samples that can be read from the start of a shard, '' or why the rest cannot: the error names the URL).
+    An empty file or random bytes give (0, "...: unreadable after sample 0 (ReadError: empty file)"); a shard cut
+    inside sample k gives the k whole samples before it (the one being read when it broke is not counted)."""
+    try:
+        stream = open_url(url, timeout)
+    except OSError as e:
+        return 0, _why(e) if url in _why(e) else f"{url}: {_why(e)}"
     try:
         counter = _SkipFirst(0)
 
@@ -280,8 +294,9 @@ def count_samples(url: str, timeout: float = 60.0) -> int:
             for _ in files:
                 pass
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise StreamError(f"{url}: unreadable after sample {max(counter.seen - 1, 0)} ({_why(e)})") from e
-        return counter.seen
+            whole = max(counter.seen - 1, 0)
+            return whole, f"{url}: unreadable after sample {whole} ({_why(e)})"
+        return counter.seen, ""
     finally:
         _close(stream)
 
@@ -382,5 +397,6 @@ __all__ = [
     "open_url",
     "iter_samples",
     "count_samples",
+    "count_readable",
     "read_bytes",
 ]
