@@ -7,10 +7,13 @@ Per seed it trains, with the same budgets:
   stage 1: vqvae, vqgan (image only), semantic_vqvae (the separate conditioner), svqvae, svqgan (lambda 0.1),
            and svqgan_mapdrop (sVQGAN with image-modality dropout 0.5: semantic mIoU with and without the image)
   stage 2: VQVAE-T and VQGAN-T (image tokens from vqvae / vqgan, condition tokens from semantic_vqvae),
-           sVQVAE-T and sVQGAN-T (both token kinds from the coupled model)
+           sVQVAE-T and sVQGAN-T (both token kinds from the coupled model, z_s read from (image, map) as in the
+           paper), and with --conditions reference,map (the default) the same two trained and sampled on z_s from
+           the map alone (`condition=map`, issue 29): the paper's z_s is read from the very image SSIM compares
+           against, so only the map-only rows compare coupled and separate models on equal terms
 then evaluates them with recipes/evaluate.py: generation (Table 1: FSD in a segmenter's feature space, SSIM and
-the segmenter's mIoU on generated images), reconstruction (Table 2: SSIM / PSNR) and semantic reconstruction
-(Table 3: mIoU). The committed segmenter (svq_fast/eval/assets/segmenter_synthetic64, trained on real synthetic
+the segmenter's mIoU on generated images; the diversity rows: spread of 4 draws per map against real re-renders),
+reconstruction (Table 2: SSIM / PSNR) and semantic reconstruction (Table 3: mIoU). The committed segmenter (svq_fast/eval/assets/segmenter_synthetic64, trained on real synthetic
 images) supplies FSD, the generated-image mIoU and the diagnostic table; FID/LPIPS need pretrained weights that this
 benchmark does not assume.
 Writes <out>/report.md with mean and spread over seeds and side-by-side sample grids (as the paper's Figure 3).
@@ -30,13 +33,27 @@ import time
 
 RECIPES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1 = ("vqvae", "semantic_vqvae", "svqvae", "vqgan", "svqgan", "svqgan_mapdrop")
-# name in the tables -> (image model, separate semantic model or None)
+# name in the tables -> (image model, separate semantic model or None, the GPT's condition: z_s from (image, map)
+# or from the map alone; a separate semantic model reads the map alone either way)
 STAGE2 = {
-    "VQVAE-T": ("vqvae", "semantic_vqvae"),
-    "sVQVAE-T": ("svqvae", None),
-    "VQGAN-T": ("vqgan", "semantic_vqvae"),
-    "sVQGAN-T": ("svqgan", None),
+    "VQVAE-T": ("vqvae", "semantic_vqvae", "reference"),
+    "sVQVAE-T": ("svqvae", None, "reference"),
+    "sVQVAE-T map z_s": ("svqvae", None, "map"),
+    "VQGAN-T": ("vqgan", "semantic_vqvae", "reference"),
+    "sVQGAN-T": ("svqgan", None, "reference"),
+    "sVQGAN-T map z_s": ("svqgan", None, "map"),
 }
+
+
+def gpt_dir(name: str) -> str:
+    """A GPT's run folder under a seed (and its evaluation's under eval/): gpt_<image model>[_map]."""
+    image, _, condition = STAGE2[name]
+    return f"gpt_{image}" + ("_map" if condition == "map" else "")
+
+
+def stage2_models(conditions: list[str]) -> list[str]:
+    """The GPTs of an invocation: the separate baselines and the coupled models in the requested conditions."""
+    return [n for n, (_, sem, c) in STAGE2.items() if sem is not None or c in conditions]
 TABLE2 = ("vqvae", "svqvae", "vqgan", "svqgan")
 # The GPTs' learning rate here. gpt_tiny's 3e-3 was chosen for the demo's global batch 16 (2 ranks x 8) on sVQGAN
 # tokens; at this experiment's batch 8 in one process, seed 0 with 3e-3 against 1e-3 raised the image-token NLL of
@@ -84,9 +101,11 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
                 + ["--config", f"{m}_tiny", f"--optim.max_steps={args.stage1_steps}", f"--run.out_dir={out}", *common],
                 os.path.join(logs, f"{m}.log"),
             )
-    for name, (image, semantic) in STAGE2.items():
-        out = os.path.join(root, f"gpt_{image}")
-        extra = [f"--stage1={os.path.join(root, image, 'export')}"]
+    models = stage2_models(args.conditions)
+    for name in models:
+        image, semantic, condition = STAGE2[name]
+        out = os.path.join(root, gpt_dir(name))
+        extra = [f"--stage1={os.path.join(root, image, 'export')}", f"--condition={condition}"]
         if semantic:
             extra.append(f"--stage1_semantic={os.path.join(root, semantic, 'export')}")
         if not os.path.exists(os.path.join(out, "export", "model.safetensors")):
@@ -101,7 +120,7 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
                     *extra,
                     *common,
                 ],
-                os.path.join(logs, f"gpt_{image}.log"),
+                os.path.join(logs, f"{gpt_dir(name)}.log"),
             )
     results: dict = {"stage1": {}, "stage2": {}}
     evaluate = recipe("evaluate.py") + [
@@ -122,29 +141,32 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
             )
         with open(os.path.join(out, "metrics.json")) as f:
             results["stage1"][m] = json.load(f)["metrics"]
-    for name, (image, _) in STAGE2.items():
-        out = os.path.join(root, "eval", f"gpt_{image}")
+    for name in models:
+        out = os.path.join(root, "eval", gpt_dir(name))
         if not os.path.exists(os.path.join(out, "metrics.json")):
-            gpt = os.path.join(root, f"gpt_{image}", "export")
+            gpt = os.path.join(root, gpt_dir(name), "export")
             timings[f"seed{seed}/eval/{name}"] = run(
                 evaluate
                 + ["--mode", "stage2", "--gpt", gpt, "--out", out, "--name", name, "--seed", str(seed)]
                 + ["--top-k", str(args.top_k)],
-                os.path.join(logs, f"eval_{name}.log"),
+                os.path.join(logs, f"eval_{name.replace(' ', '_')}.log"),
             )
         with open(os.path.join(out, "metrics.json")) as f:
             results["stage2"][name] = json.load(f)["metrics"]
     if seed == args.seeds[0]:  # Figure 3: the same maps, three samples each, coupled vs separate
-        for name, (image, _) in (("VQGAN-T", STAGE2["VQGAN-T"]), ("sVQGAN-T", STAGE2["sVQGAN-T"])):
-            if os.path.exists(os.path.join(args.out, "samples", name, "grid.png")):
+        for name in ("VQGAN-T", "sVQGAN-T", "sVQGAN-T map z_s"):
+            folder = os.path.join(args.out, "samples", name.replace(" ", "_"))
+            if name not in models or os.path.exists(os.path.join(folder, "grid.png")):
                 continue
             run(
                 recipe("sample.py")
                 + [
                     "--gpt",
-                    os.path.join(root, f"gpt_{image}", "export"),
+                    os.path.join(root, gpt_dir(name), "export"),
                     "--out",
-                    os.path.join(args.out, "samples", name),
+                    folder,
+                    "--condition",
+                    STAGE2[name][2],
                     "--num-maps",
                     "6",
                     "--samples-per-map",
@@ -154,7 +176,7 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
                     "--seed",
                     "0",
                 ],
-                os.path.join(logs, f"sample_{name}.log"),
+                os.path.join(logs, f"sample_{name.replace(' ', '_')}.log"),
             )
     return results
 
@@ -173,7 +195,8 @@ def _cell(values: list, scale: float = 1.0, digits: int = 3) -> str:
 
 
 # (coupled, separate) pairs of Table 1 and the metrics compared, with the direction that is better
-PAIRS = (("sVQGAN-T", "VQGAN-T"), ("sVQVAE-T", "VQVAE-T"))
+PAIRS = (("sVQGAN-T", "VQGAN-T"), ("sVQVAE-T", "VQVAE-T"), ("sVQGAN-T map z_s", "VQGAN-T"),
+         ("sVQVAE-T map z_s", "VQVAE-T"))  # fmt: skip
 COMPARED = (("segmenter_miou_generated", "seg. mIoU (%)", 100.0, 2, "higher"), ("fsd", "FSD", 1.0, 3, "lower"),
             ("ssim", "SSIM", 1.0, 4, "higher"))  # fmt: skip
 
@@ -192,6 +215,8 @@ def coupled_vs_separate(per_seed: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for coupled, separate in PAIRS:
+        if any(m not in r["stage2"] for r in per_seed for m in (coupled, separate)):
+            continue  # a model this invocation did not run
         for key, label, scale, digits, better in COMPARED:
             a = [v * scale for r in per_seed if _num(v := r["stage2"][coupled].get(key)) is not None]
             b = [v * scale for r in per_seed if _num(v := r["stage2"][separate].get(key)) is not None]
@@ -210,9 +235,56 @@ def coupled_vs_separate(per_seed: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def present(per_seed: list[dict]) -> list[str]:
+    """Table 1's models that every seed's results hold, in STAGE2's order."""
+    return [m for m in STAGE2 if all(m in r["stage2"] for r in per_seed)]
+
+
+# the diversity rows of svq_fast/eval/diversity.py shown per model: (row name, label)
+DIVERSITY_ROWS = (("GPT samples, map-only z_s", "map alone"), ("GPT samples, reference z_s", "reference"))
+
+
+def diversity_table(per_seed: list[dict]) -> list[str]:
+    """The within-map spread of each GPT's samples (4 draws per map) as a ratio to real re-renders of the same maps,
+    in pixels and segmenter features, the FSD of the draws to the re-renders and the colour distance to the
+    reference image; a coupled GPT sampled with both kinds of z_s has a row for each (a separate model's z_s reads
+    the map alone either way)."""
+    rows = []
+    for model in present(per_seed):
+        for images, label in DIVERSITY_ROWS:
+            got = [_div_row(r, model, images) for r in per_seed]
+            if not any(got):
+                continue
+            cells = [_cell([g.get(k) if g else None for g in got], 1, d)
+                     for k, d in (("pixel_ratio", 2), ("feature_ratio", 2), ("fsd_to_rerenders", 3),
+                                  ("colour_distance_to_reference", 3))]  # fmt: skip
+            rows.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    real = [_div_row(r, m, "real re-renders") for r in per_seed for m in present(per_seed)]
+    real_l1 = _cell([g.get("pixel_l1") for g in real if g], 1, 3)
+    real_col = _cell([g.get("colour_distance_to_reference") for g in real if g], 1, 3)
+    return [
+        "## One map, many images (the spread of 4 draws per map, as a ratio to real re-renders of the map)",
+        "",
+        f"Real re-renders (the same layout, fresh textures): pixel L1 between draws {real_l1}, colour distance to "
+        f"the reference {real_col} (what an independent real draw gets; less: the samples copy the reference).",
+        "",
+        "| model | samples' z_s | pixel spread ratio | feature spread ratio | FSD to re-renders | colour to reference |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _div_row(r: dict, model: str, images: str) -> dict | None:
+    d = r["stage2"].get(model, {}).get("diversity") or {}
+    return next((row for row in d.get("rows", []) if row["images"] == images), None)
+
+
 def _diag_rows(r: dict, model: str) -> dict[str, dict]:
     """One seed's diagnostic rows of a GPT (svq_fast/eval/diagnostics.py), by their images' name."""
-    return {row["images"]: row for row in (r["stage2"][model].get("diagnostics") or {}).get("rows", [])}
+    return {row["images"]: row for row in (r["stage2"].get(model, {}).get("diagnostics") or {}).get("rows", [])}
 
 
 def _diag_value(r: dict, model: str, images: str, key: str):
@@ -224,7 +296,7 @@ def diagnostics_table(per_seed: list[dict]) -> list[str]:
     gives the GPT, then each row's FSD (mean ± std over seeds)."""
     names: list[str] = []
     for r in per_seed:
-        for model in STAGE2:
+        for model in present(per_seed):
             names += [name for name in _diag_rows(r, model) if name not in names]
     if not names:
         return []
@@ -237,7 +309,7 @@ def diagnostics_table(per_seed: list[dict]) -> list[str]:
             "| model | " + " | ".join(names) + (" | condition's bits per image token |" if bits else " |"),
             "|---|" + "---|" * (len(names) + bits),
         ]
-        for model in STAGE2:
+        for model in present(per_seed):
             cells = [_cell([_diag_value(r, model, name, key) for r in per_seed], scale, digits) for name in names]
             if bits:
                 gaps = [(r["stage2"][model].get("diagnostics") or {}).get("nll_bits_per_token", {}).get("gap")
@@ -257,7 +329,7 @@ def gpt_vs_random_tokens(per_seed: list[dict]) -> list[str]:
     stage-1 model decodes both, so the seeds pair up); the mean ± std of those differences, and whether every seed
     agrees and the mean exceeds the spread of the differences."""
     rows: list[str] = []
-    for model in STAGE2:
+    for model in present(per_seed):
         for key, label, scale, digits, better in GPT_VS_RANDOM:
             pairs = [(_diag_value(r, model, "GPT samples", key), _diag_value(r, model, "random z_x", key))
                      for r in per_seed]  # fmt: skip
@@ -324,7 +396,7 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         "| model | FSD ↓ | SSIM ↑ | seg. mIoU (%) ↑ | PSNR (dB) ↑ |",
         "|---|---|---|---|---|",
     ]
-    for name in STAGE2:
+    for name in present(per_seed):
         lines.append(
             f"| {name} | {_cell(col('stage2', name, 'fsd'))} | {_cell(col('stage2', name, 'ssim'), 1, 4)} | "
             f"{_cell(col('stage2', name, 'segmenter_miou_generated'), 100, 2)} | "
@@ -358,7 +430,8 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
             f"{_cell(col('stage1', m, 'semantic_pixel_acc'), 100, 2)} | "
             f"{_cell(col('stage1', m, 'semantic_miou_map_only'), 100, 2)} |"
         )
-    lines += ["", *coupled_vs_separate(per_seed), *diagnostics_table(per_seed), *gpt_vs_random_tokens(per_seed)]
+    lines += ["", *coupled_vs_separate(per_seed), *diversity_table(per_seed), *diagnostics_table(per_seed),
+              *gpt_vs_random_tokens(per_seed)]  # fmt: skip
     lines += [
         "## Samples (Figure 3 layout)",
         "",
@@ -371,6 +444,10 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         "sVQGAN-T (coupled):",
         "",
         "![sVQGAN-T](samples/sVQGAN-T/grid.png)",
+        "",
+        "sVQGAN-T trained and sampled on z_s from the map alone (when run):",
+        "",
+        "![sVQGAN-T map z_s](samples/sVQGAN-T_map_z_s/grid.png)",
         "",
         "## Wall-clock (s)",
         "",
@@ -414,8 +491,16 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--top-k", type=int, default=None, help="default: gpt_tiny's sample.top_k")
     p.add_argument("--machine", default="a 2-core CPU machine")
+    p.add_argument(
+        "--conditions",
+        default="reference,map",
+        help="the coupled GPTs' z_s kinds: reference (from (image, map), the paper), map (from the map alone)",
+    )
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.conditions = [c for c in args.conditions.split(",") if c]
+    if not args.conditions or set(args.conditions) - {"reference", "map"}:
+        p.error(f"--conditions: a comma-separated subset of reference,map, got {args.conditions}")
     stage1_steps, stage2_steps, top_k = tiny_defaults()
     args.stage1_steps = stage1_steps if args.stage1_steps is None else args.stage1_steps
     args.stage2_steps = stage2_steps if args.stage2_steps is None else args.stage2_steps

@@ -57,7 +57,8 @@ def test_gpts_train_at_the_experiments_own_lr_not_gpt_tinys(tmp_path, monkeypatc
     monkeypatch.setattr(st, "run", fake_run)
     monkeypatch.setattr(st, "STAGE1", ())  # go straight to stage 2
     args = argparse.Namespace(
-        out=str(tmp_path), train_samples=8, stage1_steps=4, stage2_steps=4, stage2_lr=st.STAGE2_LR
+        out=str(tmp_path), train_samples=8, stage1_steps=4, stage2_steps=4, stage2_lr=st.STAGE2_LR,
+        conditions=["reference"],
     )
     with pytest.raises(SystemExit):
         st.train_seed(0, args, str(tmp_path / "data"), "seg", {})
@@ -148,3 +149,51 @@ def test_gpt_vs_random_tokens_pairs_the_seeds():
     one = st.gpt_vs_random_tokens(seeds[:1])
     assert all(line.endswith("| n/a (one seed) |") for line in one if line.startswith("| sVQGAN-T"))
     assert st.gpt_vs_random_tokens([_seed_results(0.0)]) == []  # no diagnostics recorded: no section
+
+
+def test_coupled_gpts_train_in_each_requested_condition(tmp_path, monkeypatch):
+    """--conditions reference,map: the coupled GPTs also train on map-only z_s (issue 29), the separate ones once."""
+    commands = []
+
+    def fake_run(cmd, log):
+        if "evaluate.py" in " ".join(cmd):
+            raise SystemExit  # every training is recorded; stop at the first evaluation
+        commands.append(cmd)
+        return 0.0
+
+    monkeypatch.setattr(st, "run", fake_run)
+    monkeypatch.setattr(st, "STAGE1", ())
+    args = argparse.Namespace(out=str(tmp_path), train_samples=8, stage1_steps=4, stage2_steps=4,
+                              stage2_lr=st.STAGE2_LR, conditions=["reference", "map"], eval_samples=8)  # fmt: skip
+    with pytest.raises(SystemExit):
+        st.train_seed(0, args, str(tmp_path / "data"), "seg", {})
+    runs = {next(a for a in c if a.startswith("--run.out_dir=")).rsplit("/", 1)[1]:
+            next(a for a in c if a.startswith("--condition=")) for c in commands}  # fmt: skip
+    assert runs == {"gpt_vqvae": "--condition=reference", "gpt_svqvae": "--condition=reference",
+                    "gpt_svqvae_map": "--condition=map", "gpt_vqgan": "--condition=reference",
+                    "gpt_svqgan": "--condition=reference", "gpt_svqgan_map": "--condition=map"}  # fmt: skip
+    assert st.stage2_models(["reference"]) == ["VQVAE-T", "sVQVAE-T", "VQGAN-T", "sVQGAN-T"]
+
+
+def test_diversity_table_and_pairs_of_the_map_only_models():
+    seeds = [_seed_results(0.0)]
+    div = {"rows": [
+        {"images": "real re-renders", "pixel_l1": 0.19, "pixel_ratio": 1.0, "feature_ratio": 1.0,
+         "fsd_to_rerenders": 0.0, "colour_distance_to_reference": 0.3},
+        {"images": "GPT samples, map-only z_s", "pixel_l1": 0.13, "pixel_ratio": 0.7, "feature_ratio": 0.8,
+         "fsd_to_rerenders": 1.5, "colour_distance_to_reference": 0.25},
+        {"images": "GPT samples, reference z_s", "pixel_l1": 0.03, "pixel_ratio": 0.16, "feature_ratio": 0.2,
+         "fsd_to_rerenders": 4.0, "colour_distance_to_reference": 0.07}]}  # fmt: skip
+    seeds[0]["stage2"]["sVQGAN-T"]["diversity"] = div
+    lines = st.diversity_table(seeds)
+    assert "| sVQGAN-T | map alone | 0.70 | 0.80 | 1.500 | 0.250 |" in lines
+    assert "| sVQGAN-T | reference | 0.16 | 0.20 | 4.000 | 0.070 |" in lines
+    assert any("pixel L1 between draws 0.190" in line for line in lines)
+    assert st.diversity_table([_seed_results(0.0)]) == []  # no diversity recorded: no section
+    pairs = [line for line in st.coupled_vs_separate(seeds) if line.startswith("| sVQGAN-T map z_s vs VQGAN-T")]
+    assert len(pairs) == len(st.COMPARED)  # the controlled comparison: map-only coupled vs separate
+    for name in ("sVQGAN-T map z_s", "sVQVAE-T map z_s"):  # an invocation without map-only GPTs: no rows for them
+        del seeds[0]["stage2"][name]
+    assert not any("map z_s" in line for line in st.coupled_vs_separate(seeds) + st.report(
+        seeds, argparse.Namespace(seeds=[0], stage1_steps=4, stage2_steps=4, stage2_lr=1e-3, machine="m",
+                                  eval_samples=8), {}, 60.0).split("## Samples")[0].splitlines())
