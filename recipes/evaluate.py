@@ -38,6 +38,7 @@ import argparse
 import sys
 
 from svq_fast.eval.run import EvalConfig, EvaluationError, default_stats_cache, run_evaluation
+from svq_fast.export import ExportMismatch
 
 
 def parse_args(argv=None) -> EvalConfig:
@@ -102,7 +103,7 @@ def parse_args(argv=None) -> EvalConfig:
 def main(argv=None) -> int:
     try:
         run_evaluation(parse_args(argv))
-    except EvaluationError as e:  # nothing could be scored: a clear line and exit 1, not a table of n/a
+    except (EvaluationError, ExportMismatch) as e:  # nothing scored, or an export refused: one line naming the file
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -84,3 +84,18 @@ def test_shards_of_random_bytes_score_nothing_and_exit_1(assets, tmp_path, capsy
     (val / "index.json").unlink()  # unlisted random bytes: no sample to plan at all
     assert _run(assets, val, tmp_path / "out2") == 1
     assert "error: cannot evaluate on the 1 shard(s)" in capsys.readouterr().err
+
+
+def test_a_hand_edited_export_is_one_error_line_naming_the_file_and_key(assets, tmp_path, capsys):
+    export = _copy(assets / "stage1", tmp_path / "stage1")
+    blob = json.loads((export / "config.json").read_text())
+    blob["config"]["model"]["ch"] = "16"  # the probe, with config_sha256 deleted
+    del blob["config_sha256"]
+    (export / "config.json").write_text(json.dumps(blob))
+    argv = ["--mode", "stage1", "--stage1", str(export), "--shards", str(assets / "val"), "--out", str(tmp_path / "o"),
+            "--stats-cache", "none", "--cpu"]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _evaluate().main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: {export / 'config.json'} is not a valid config: model.ch" in err
