@@ -68,6 +68,7 @@ class SVQModelConfig:
     z_channels: int = 256  # image latent / code dimension
     semantic_z_channels: int = 256  # semantic latent / code dimension
     image_dropout: float = 0.0  # probability of hiding x from the encoder (reference-free z_s)
+    semantic_input: Literal["shared", "map"] = "shared"  # z_s from f_sEnc(x, s) (paper) or f_sEnc(fill, s) (map only)
     # Semantic decoder: "conv" mirrors the image decoder (the paper); "subpixel" stays at latent resolution with
     # `semantic_decoder_blocks` ResBlocks of `semantic_decoder_width` channels and unfolds every latent into its
     # f x f label patch with one sub-pixel conv (models/svq/subpixel_decoder.py): much faster to train on label maps.

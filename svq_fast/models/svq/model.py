@@ -1,7 +1,9 @@
 """The semantically coupled VQ model (paper Figure 2) and its single-modality baselines.
 
 kind="svq":      shared encoder f_sEnc(x, s) -> (z_x, z_s); semantic decoder f_sDec(z_s) -> s_hat;
-                 image decoder f_xDec(z_x, sg[z_s]) -> x_hat.
+                 image decoder f_xDec(z_x, sg[z_s]) -> x_hat. With semantic_input="map", z_s comes from a second
+                 pass of the same encoder over (fill, s) (what encode_semantic computes), so z_s carries no
+                 appearance in training either and the decoder must take it from z_x.
 kind="image":    encoder(x) -> z_x -> decoder -> x_hat (VQVAE / VQGAN).
 kind="semantic": encoder(s) -> z_s -> semantic decoder -> s_hat (the conditioning VQVAE of the baseline).
 """
@@ -123,6 +125,12 @@ class SVQModel(nn.Module):
         drop = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.cfg.image_dropout
         return torch.where(drop, self.image_fill.to(x.dtype).expand_as(x), x)
 
+    def _fill_image(self, s: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) image input of a map-only encoding: the learned fill (image dropout), else zeros."""
+        b, h, w = s.shape
+        fill = self.image_fill if self.image_fill is not None else torch.zeros(1, 3, 1, 1, device=s.device)
+        return fill.expand(b, 3, h, w)
+
     def encode(self, x: torch.Tensor | None, s: torch.Tensor | None):
         """-> dict with quantized latents z_x / z_s (B, D, h, w), their indices (B, h, w) and VQ losses."""
         if self.has_image and x is None:
@@ -136,7 +144,10 @@ class SVQModel(nn.Module):
             z_x, loss_x, info_x = self.quantizer_x(self.quant_x(h[:, :zx]))
             out.update(z_x=z_x, vq_loss_x=loss_x, indices_x=info_x["indices"], perplexity_x=info_x["perplexity"])
         if self.has_semantic:
-            pre_s = self.quant_s(h[:, zx:])  # (B, zs, h, w)
+            h_s = h[:, zx:]
+            if self.has_image and self.cfg.semantic_input == "map":  # z_s from the map alone, in training too
+                h_s = self.encoder(self._stem(self._fill_image(s), s))[:, zx:]
+            pre_s = self.quant_s(h_s)  # (B, zs, h, w)
             if self.patch_s is not None:
                 pre_s = pre_s + self.patch_s(s)
             z_s, loss_s, info_s = self.quantizer_s(pre_s)
@@ -146,12 +157,7 @@ class SVQModel(nn.Module):
     @torch.no_grad()
     def encode_semantic(self, s: torch.Tensor) -> torch.Tensor:
         """Semantic token ids (B, h, w) from s alone: the image input is the learned fill (or zeros)."""
-        x = None
-        if self.has_image:
-            b, h, w = s.shape
-            fill = self.image_fill if self.image_fill is not None else torch.zeros(1, 3, 1, 1, device=s.device)
-            x = fill.expand(b, 3, h, w)
-        return self.encode(x, s)["indices_s"]
+        return self.encode(self._fill_image(s) if self.has_image else None, s)["indices_s"]
 
     # -- decoding -------------------------------------------------------------------------------------
 
