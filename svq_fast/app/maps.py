@@ -4,7 +4,8 @@ arrives (a painted grid, an uploaded PNG) before it reaches the model.
 A map is an (H, W) uint8 array of class ids 0..C-1, or `ignore` (255) for unlabeled pixels. The page paints on such
 a grid and sends its raw bytes, so no colour is ever read back from a canvas; PNGs are read as ids (mode L or P:
 the pixel values / palette indices are the ids) or, for RGB(A), mapped back through the model's palette with exact
-colour matches only. Everything that is wrong raises MapError with a sentence the page shows as it is.
+colour matches only (the reading is svq_fast.data.label_files', shared with recipes/sample.py --maps). Everything
+that is wrong raises MapError with a sentence the page shows as it is.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from svq_fast.data import label_files
+from svq_fast.data.label_files import LabelFileError, MapSpec
 from svq_fast.data.labels import IGNORE, space_for
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_UPLOAD_BYTES = 8 << 20
 
 
@@ -67,18 +69,17 @@ def palette_for(num_classes: int, ignore: int = IGNORE) -> ClassPalette:
     return ClassPalette(kind, tuple(space.names), np.asarray(space.palette, np.uint8), ignore)
 
 
+def map_spec(palette: ClassPalette) -> MapSpec:
+    """The palette as the shared label-file reader's spec (svq_fast.data.label_files)."""
+    return MapSpec(num_classes=palette.num_classes, colours=palette.colours, space=palette.space, ignore=palette.ignore)
+
+
 def check_ids(label: np.ndarray, palette: ClassPalette, what: str) -> np.ndarray:
     """-> label as uint8 if every id is a class or ignore; MapError naming the offending ids otherwise."""
-    label = np.asarray(label)
-    valid = (label >= 0) & ((label < palette.num_classes) | (label == palette.ignore))
-    if not bool(valid.all()):
-        bad = np.unique(label[~valid])
-        shown = ", ".join(str(int(v)) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
-        raise MapError(
-            f"{what} has ids outside this model's label space: {shown} ({int((~valid).sum())} pixels); "
-            f"valid ids are 0..{palette.num_classes - 1} ({palette.space} classes) and {palette.ignore} (ignore)"
-        )
-    return label.astype(np.uint8)
+    try:
+        return label_files.check_ids(label, map_spec(palette), what)
+    except LabelFileError as e:
+        raise MapError(str(e)) from None
 
 
 def decode_grid(payload: str, size: int, palette: ClassPalette) -> np.ndarray:
@@ -102,46 +103,15 @@ def encode_grid(label: np.ndarray) -> str:
 
 def decode_png(data: bytes, size: int, palette: ClassPalette, name: str = "the upload") -> np.ndarray:
     """An uploaded label PNG -> (size, size) uint8 ids; MapError says what is wrong with it."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise MapError(f"{name} is empty")
     if len(data) > MAX_UPLOAD_BYTES:
         raise MapError(f"{name} is {len(data) >> 20} MiB; a label PNG at {size}x{size} is far smaller")
-    if not data.startswith(PNG_MAGIC):
-        raise MapError(f"{name} is not a PNG file: upload a PNG whose pixel values are class ids")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise MapError(f"{name} is not a readable PNG ({e})") from None
-    if img.size != (size, size):
-        raise MapError(f"{name} is {img.size[0]}x{img.size[1]}; this model paints {size}x{size} maps")
-    if img.mode in ("L", "P"):  # values / palette indices are the class ids
-        return check_ids(np.asarray(img), palette, name)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
-        return check_ids(np.asarray(img.convert("I")), palette, name)
-    if img.mode in ("RGB", "RGBA"):
-        return _from_colours(np.asarray(img.convert("RGB")), palette, name)
-    raise MapError(f"{name} has PNG mode {img.mode}; expected 8-bit class ids (mode L or P) or palette colours (RGB)")
-
-
-def _from_colours(rgb: np.ndarray, palette: ClassPalette, name: str) -> np.ndarray:
-    """(H, W, 3) uint8 in the model's palette colours -> ids; any other colour is an error (no nearest match)."""
-    lut = palette.lut()
-    ids = list(range(palette.num_classes)) + [palette.ignore]
-    key = lambda c: (c[..., 0].astype(np.int64) << 16) | (c[..., 1].astype(np.int64) << 8) | c[..., 2]  # noqa: E731
-    table = {int(key(lut[i])): i for i in reversed(ids)}  # a colour shared by two classes resolves to the lower id
-    codes = key(rgb)
-    uniq, inverse = np.unique(codes, return_inverse=True)
-    unknown = [int(u) for u in uniq if int(u) not in table]
-    if unknown:
-        shown = ", ".join(f"#{u:06x}" for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise MapError(
-            f"{name} is an RGB image with {len(unknown)} colours that are not this model's class colours ({shown}); "
-            "upload a PNG of class ids (mode L or P), or one painted in the page's palette exactly"
-        )
-    return np.asarray([table[int(u)] for u in uniq], np.uint8)[inverse.reshape(codes.shape)]
+        img = label_files.open_png(data, name)
+        if img.size != (size, size):
+            raise MapError(f"{name} is {img.size[0]}x{img.size[1]}; this model paints {size}x{size} maps")
+        return label_files.ids_from_image(img, map_spec(palette), name)
+    except LabelFileError as e:
+        raise MapError(str(e)) from None
 
 
 def png_bytes(array: np.ndarray) -> bytes:
