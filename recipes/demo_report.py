@@ -1,5 +1,7 @@
 """Write the demo's report.md: a short version of the synthetic Tables 1-3 for the demo's own models (from the
-evaluate.py results under <run-dir>/eval), training curves' end points, wall-clock, and the sample grid.
+evaluate.py results under <run-dir>/eval), the diversity rows and the evaluation protocol, training curves' end
+points, wall-clock, and the sample grids: samples/grid.png (recipes/sample.py) and samples/grid_rerenders.png (each
+map beside two real re-renders of its layout and its samples, made here from sample.py's PNGs).
 
     python recipes/demo_report.py --run-dir runs/demo
 """
@@ -11,13 +13,50 @@ import json
 import os
 import sys
 
-from svq_fast.eval.report import diagnostics_markdown
+from svq_fast.eval.report import diagnostics_markdown, diversity_markdown, protocol_markdown
 from svq_fast.train.checkpoint import complete_checkpoints, read_manifest
 
 
 def _load_metrics(path: str) -> dict:
+    return _load(path)["metrics"]
+
+
+def _load(path: str) -> dict:
     with open(path) as f:
-        return json.load(f)["metrics"]
+        return json.load(f)
+
+
+def rerender_grid(samples_dir: str, shards: str, rerenders: int = 2) -> str | None:
+    """samples/grid_rerenders.png: per map of recipes/sample.py's run, the map | `rerenders` real re-renders of its
+    layout (texture seeds 0..n-1, data/synthetic.py) | its samples. None (no file) when the samples or the synthetic
+    shards are missing."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from svq_fast.data.synthetic import NUM_CLASSES, render_scene
+    from svq_fast.eval.diversity import Rerenders
+    from svq_fast.eval.visualize import colorize, grid, save_png
+
+    settings_file = os.path.join(samples_dir, "settings.json")
+    if not os.path.exists(settings_file) or not os.path.isdir(shards):
+        return None
+    source = Rerenders([shards])
+    if not source.available:
+        return None
+    settings = _load(settings_file)
+    rows = []
+    for key in settings["keys"]:
+        index = int(key.removeprefix("syn"))
+        label = torch.from_numpy(render_scene(source.spec, index)[1].astype("int64"))[None]  # (1, H, W)
+        real = source.render([key], rerenders, label)  # (n, 3, H, W) in [-1, 1]
+        files = sorted(f for f in os.listdir(samples_dir) if f.startswith(f"{key}_sample") and f.endswith(".png"))
+        samples = [torch.from_numpy(np.array(Image.open(os.path.join(samples_dir, f)))).permute(2, 0, 1) / 255.0
+                   for f in files]  # fmt: skip
+        rows.append([colorize(label, NUM_CLASSES)[0], *((real + 1) / 2), *samples])
+    out = os.path.join(samples_dir, "grid_rerenders.png")
+    save_png(grid(rows), out)
+    return out
 
 
 def _pct(v) -> str:
@@ -88,10 +127,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--timings", default="", help="JSON file of stage timings written by demo.sh")
+    p.add_argument("--shards", default="", help="held-out synthetic shards of the samples (default <run-dir>/data/64px/val)")
     args = p.parse_args(argv)
     run = args.run_dir
     rec = _load_metrics(os.path.join(run, "eval", "stage1", "metrics.json"))
-    gen = _load_metrics(os.path.join(run, "eval", "stage2", "metrics.json"))
+    gen_all = _load(os.path.join(run, "eval", "stage2", "metrics.json"))
+    gen, gen_settings = gen_all["metrics"], gen_all.get("settings", {})
     s1, s2 = _last(os.path.join(run, "stage1", "history.json")), _last(os.path.join(run, "stage2", "history.json"))
     timings = {}
     if args.timings and os.path.exists(args.timings):
@@ -109,8 +150,12 @@ def main(argv=None) -> int:
         *short_tables(rec, gen),
         "",
     ]
+    if "diversity" in gen:
+        lines += diversity_markdown(gen["diversity"])
     if "diagnostics" in gen:
         lines += diagnostics_markdown(gen["diagnostics"])
+    if "protocol" in gen_settings:  # the generation evaluation's (eval/stage2/metrics.json, settings.protocol)
+        lines += protocol_markdown(gen_settings["protocol"], gen_settings)
     lines += discriminator_health(s1)
     lines += [
         "",
@@ -124,14 +169,27 @@ def main(argv=None) -> int:
     if timings:
         lines += ["", "## Wall-clock", "", "| part | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    samples_dir = os.path.join(run, "samples")
+    sample_settings = os.path.join(samples_dir, "settings.json")
+    condition = _load(sample_settings).get("condition", "reference") if os.path.exists(sample_settings) else "?"
     lines += [
         "",
         "## Samples",
         "",
-        "Rows: semantic map | reference image | samples from the GPT.",
+        f"Rows: semantic map | reference image | samples from the GPT (z_s: {condition}; recipes/sample.py).",
         "",
         "![samples](samples/grid.png)",
         "",
+    ]
+    if rerender_grid(samples_dir, args.shards or os.path.join(run, "data", "64px", "val")):
+        lines += [
+            "One map, many images: rows: semantic map | two real re-renders of its layout (fresh textures) | the "
+            "same samples.",
+            "",
+            "![samples beside re-renders](samples/grid_rerenders.png)",
+            "",
+        ]
+    lines += [
         "TensorBoard: `tensorboard --logdir " + run + "`",
         "",
     ]
