@@ -43,6 +43,8 @@ class QuantizerConfig:
     # where restarted codes go: latents drawn uniformly, or with probability ~ their squared quantization error
     # ("error", k-means++-style: rare patterns the codebook misses get the freed codes)
     restart_sampling: Literal["uniform", "error"] = "uniform"
+    # look for dead codes every N training steps: finding them is a host read, which a step that does not look avoids
+    restart_every: int = 10
     init_from_data: bool = True  # seed the codebook from the first training batch's latents (no early collapse)
     usage_window: int = 100  # steps over which codebook usage is reported
     deterministic: bool = True  # deterministic codebook-gradient scatter on GPU
@@ -191,6 +193,8 @@ class OptimConfig:
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = 1.0
+    # AdamW's fused kernel: "auto" = on CUDA only (no per-step host read of its step counts; train/engine.py)
+    fused_adam: Literal["auto", "on", "off"] = "auto"
     micro_batch: int = 8  # per rank
     grad_accum: int = 1
     max_steps: int = 1000
@@ -221,7 +225,7 @@ class RunConfig:
     save_every: int = 0  # DeepSpeed checkpoint every N steps (0 = only at the end)
     keep_last: int = 3
     resume: str = ""  # "" | "auto" | a checkpoint tag directory
-    max_seconds: float = 0.0  # stop (with a checkpoint, no export) after this much training time; 0 = off
+    max_seconds: float = 0.0  # stop (with a checkpoint and an export) after this much training time; 0 = off
     max_nonfinite_skips: int = 20  # consecutive non-finite losses tolerated before the run stops
     # torch.compile every trained module (fullgraph: a graph break is an error). A compile failure prints one
     # warning naming the cause and that module runs eagerly (train/engine.py). Not with zero.stage=3.

@@ -63,9 +63,29 @@ def free_port() -> int:
 
 def deepspeed_command(script, *args, ranks: int = 2) -> list[str]:
     """argv that runs `script args` on `ranks` local processes under this interpreter's deepspeed launcher, with
-    a free rendezvous port: how tests and benchmarks start a multi-rank run."""
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *map(str, args)]
+    a free rendezvous port: how tests and benchmarks start a multi-rank run. The launcher is started as a module of
+    this interpreter (`python -m deepspeed.launcher.runner`, what the `deepspeed` script runs), so it is found
+    wherever deepspeed is importable: also a `pip --target` install, which puts no script next to the interpreter."""
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*runner, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *map(str, args)]
+
+
+def bind_local_device() -> torch.device | None:
+    """Make cuda:LOCAL_RANK this process's current device (None without CUDA). Must run before the first
+    collective: DeepSpeed 0.19 binds the NCCL group to cuda:LOCAL_RANK (`device_id=` in init_process_group) but never
+    calls torch.cuda.set_device before deepspeed.initialize, so a collective issued earlier (the run id's broadcast,
+    a barrier) would run on cuda:0 on every rank: rank 1's tensor on another device than its group's, and a CUDA
+    context of every rank on GPU 0."""
+    if not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"LOCAL_RANK={local} but this node shows {torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}): start as many ranks per node as it has GPUs"
+        )
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def init_deepspeed() -> tuple[int, int]:
@@ -81,11 +101,13 @@ def init_deepspeed() -> tuple[int, int]:
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
     if not is_initialized():
+        bind_local_device()
         deepspeed.init_distributed(
             dist_backend=None if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False, verbose=False
         )
         if not torch.cuda.is_available():  # the shm workspace belongs to DeepSpeed's CPU accelerator only
             release_shm_allreduce_name(rank())
+    watch_peers()
     return rank_world()
 
 
@@ -93,7 +115,9 @@ def init_from_env() -> tuple[int, int]:
     """Join a torch.distributed group when the launcher's environment asks for more than one rank (no DeepSpeed:
     for jobs such as offline tokenization). Returns (rank, world_size)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized():
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = bind_local_device()
+        tdist.init_process_group("nccl" if device is not None else "gloo", device_id=device)
+        watch_peers()
     return rank_world()
 
 
@@ -224,6 +248,82 @@ def watch_launcher(interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="svq-launcher-watch", daemon=True).start()
 
 
+# -- one rank's failure stops every rank ------------------------------------------------------------------
+# A rank that raises leaves its peers blocked in their next collective until the launcher notices (or NCCL's
+# 30-minute timeout), and they die without saying why. Instead the failing rank writes its error into the process
+# group's key-value store (the launcher's rendezvous TCPStore, which every rank already talks to), and a thread on
+# every rank polls that key: a rank that finds it prints the failed rank's error and exits at once, even from the
+# middle of a collective. The store is polled, not waited on, so the thread never holds a store request open.
+
+FAILURE_KEY = "svq_fast/failure"
+PEER_POLL_SECONDS = 0.5
+PEER_EXIT_CODE = 3  # a rank stopped because another rank failed (the failed rank exits with its own error)
+_peer_watch: dict = {}
+
+
+def _store():
+    try:
+        return tdist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):  # no default group, or a backend without a store
+        return None
+
+
+def announce_failure(error: BaseException) -> None:
+    """Tell every rank that this one failed with `error` (first failure wins; a no-op without a multi-rank group)."""
+    store = _store() if is_multi_rank() else None
+    if store is None:
+        return
+    _peer_watch["self_failed"] = True
+    text = f"rank {rank()}: {type(error).__name__}: {error}"
+    try:
+        if not store.check([FAILURE_KEY]):
+            store.set(FAILURE_KEY, text[:4000])
+    except (RuntimeError, OSError):  # the store (rank 0's process) may be gone already
+        pass
+
+
+def watch_peers(interval: float = PEER_POLL_SECONDS) -> None:
+    """Start (once per process) the thread that stops this rank when another rank announced a failure: it prints
+    that rank's error and exits with PEER_EXIT_CODE. Without a multi-rank group it does nothing."""
+    store = _store() if is_multi_rank() else None
+    if store is None or _peer_watch.get("thread"):
+        return
+    me = rank()
+
+    def poll() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                failed = store.check([FAILURE_KEY])
+            except (RuntimeError, OSError):  # the store went away: the job is ending; the launcher takes over
+                return
+            if not failed or _peer_watch.get("self_failed"):
+                continue
+            try:
+                text = store.get(FAILURE_KEY).decode(errors="replace")
+            except (RuntimeError, OSError):
+                text = "(its error could not be read)"
+            print(f"[rank {me}] stopping: {text}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(PEER_EXIT_CODE)  # the main thread may sit in a collective that will never complete
+
+    _peer_watch["thread"] = threading.Thread(target=poll, name="svq-peer-watch", daemon=True)
+    _peer_watch["thread"].start()
+
+
+class fail_together:
+    """Context manager around a rank's work: an exception inside it (other than a clean SystemExit(0)) is announced
+    to every rank before it propagates, so the others stop within PEER_POLL_SECONDS with this rank's error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is not None and not (isinstance(error, SystemExit) and error.code in (0, None)):
+            announce_failure(error)
+        return False
+
+
 # -- collectives --------------------------------------------------------------------------------------
 
 
@@ -294,6 +394,27 @@ def all_reduce_mean(values: dict[str, float], dev: torch.device) -> dict[str, fl
     return dict(zip(keys, t.tolist()))
 
 
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks of a tensor on any device (returned for chaining); no host read."""
+    if is_multi_rank():
+        all_reduce_sum_(t).div_(world_size())
+    return t
+
+
+def all_reduce_mean_tensors(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average 0-dim device tensors over ranks -> host floats: one stacked all-reduce and one read for the dict
+    (the logging step's read of the window)."""
+    if not values:
+        return {}
+    keys = sorted(values)  # the same order on every rank
+    t = torch.stack([values[k].reshape(()).double() for k in keys])
+    if is_multi_rank():
+        t = t.to(comm_device())
+        tdist.all_reduce(t)
+        t /= world_size()
+    return dict(zip(keys, t.tolist()))
+
+
 def any_rank(flag: bool, dev: torch.device) -> bool:
     """True on every rank when `flag` is True on at least one (e.g. a stop request, a non-finite loss)."""
     if not is_multi_rank():
@@ -303,6 +424,13 @@ def any_rank(flag: bool, dev: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def nonfinite_anywhere(loss: torch.Tensor) -> bool:
-    """Whether the loss is NaN/inf on any rank; all ranks must agree before skipping a backward."""
-    return any_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device)
+def any_rank_flags(flags: torch.Tensor) -> int:
+    """(n,) flags (0/1, on the compute device) -> an int whose bit i is set when flags[i] is set on at least one
+    rank: n collective decisions for one all-reduce and one host read (the only read: the packed bits)."""
+    flags = flags.float()
+    if is_multi_rank():
+        buf = flags.to(comm_device())
+        tdist.all_reduce(buf, op=tdist.ReduceOp.MAX)
+        flags = buf
+    weights = torch.pow(2.0, torch.arange(flags.numel(), device=flags.device, dtype=torch.float64))
+    return int(((flags > 0).double() * weights).sum().item())

@@ -67,8 +67,12 @@ def qualname(name: str) -> str:
     return f"{NAMESPACE}::{name}"
 
 
+IMPLS: dict[str, Callable] = {}  # qualified name -> the Python implementation of each define_op op
+
+
 def define_op(name: str, fn: Callable, fake: Callable, *, mutates_args: Iterable[str] = ()):
     """custom_op `svq_fast::name` with implementation fn (annotated: the schema is inferred) and fake kernel."""
+    IMPLS[qualname(name)] = fn
     op = torch.library.custom_op(qualname(name), fn, mutates_args=tuple(mutates_args))
     op.register_fake(fake)
     return op

@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from svq_fast import dist
 from svq_fast.kernels._library import define_op
@@ -94,6 +95,7 @@ class VectorQuantizer(nn.Module):
         ema_eps: float = 1e-5,
         restart_after: int = 100,
         restart_sampling: str = "uniform",
+        restart_every: int = 1,
         usage_window: int = 100,
         deterministic: bool = True,
         init_from_data: bool = True,
@@ -113,15 +115,16 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"VectorQuantizer: code_dim must be >= 1 or None, got {code_dim}")
         if not 0.0 <= ema_decay < 1.0 or ema_eps <= 0:
             raise ValueError(f"VectorQuantizer: need 0 <= ema_decay < 1 and ema_eps > 0, got {ema_decay}, {ema_eps}")
-        if restart_after < 0 or usage_window < 1:
-            raise ValueError(f"VectorQuantizer: need restart_after >= 0 and usage_window >= 1, got {restart_after}, "
-                             f"{usage_window}")  # fmt: skip
+        if restart_after < 0 or usage_window < 1 or restart_every < 1:
+            raise ValueError(f"VectorQuantizer: need restart_after >= 0, usage_window >= 1 and restart_every >= 1, got "
+                             f"{restart_after}, {usage_window}, {restart_every}")  # fmt: skip
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
         self.cosine, self.backend, self.grad = cosine, backend, grad
         self.code_dim = code_dim if code_dim is not None else dim
         self.ema, self.ema_decay, self.ema_eps = ema, ema_decay, ema_eps
         self.restart_after, self.usage_window, self.deterministic = restart_after, usage_window, deterministic
         self.init_from_data, self.restart_sampling = init_from_data, restart_sampling
+        self.restart_every = restart_every
         self._init_checked = False
 
         k, c = codebook_size, self.code_dim
@@ -229,7 +232,8 @@ class VectorQuantizer(nn.Module):
             self.usage_ema,
             self.restarts,
         )
-        cfg = (self.ema, self.ema_decay, self.ema_eps, self.restart_after, self.restart_sampling, self.usage_window)
+        cfg = (self.ema, self.ema_decay, self.ema_eps, self.restart_after, self.restart_sampling, self.usage_window,
+               self.restart_every)  # fmt: skip
         return tensors, cfg
 
     def _state_op(self, phase: str, x: torch.Tensor, indices: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -251,6 +255,13 @@ class VectorQuantizer(nn.Module):
         return self._state_op("update", x, indices, codes)
 
     # -- logging ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def usage_fraction(self) -> torch.Tensor:
+        """() fp32 device tensor: fraction of codes chosen at least once in the last `usage_window` training steps
+        (global across ranks). No host read: what the training step logs (usage_stats reads everything)."""
+        used = (self.last_used >= 0) & (self.last_used > self.step - self.usage_window)
+        return used.float().mean()
 
     @torch.no_grad()
     def usage_stats(self) -> dict[str, float]:
@@ -312,6 +323,29 @@ class _Config(NamedTuple):
     restart_after: int
     restart_sampling: str
     usage_window: int
+    restart_every: int
+
+
+# The training step count as the host last saw it, per `step` buffer: (the buffer's version counter then, value).
+# Which steps look for dead codes is decided on the host from it, so a step that does not look reads nothing from the
+# device (finding the dead codes is data-dependent: a host read). The buffer is read again only when something else
+# wrote it since (a loaded checkpoint bumps its version), or for a new buffer.
+_HOST_STEPS = WeakIdKeyDictionary()
+
+
+def _host_step(step: torch.Tensor) -> int:
+    seen = _HOST_STEPS.get(step)
+    if seen is not None and seen[0] == step._version:
+        return seen[1]
+    return int(step)
+
+
+def _advance_step(step: torch.Tensor) -> int:
+    """step += 1 on the device; -> the new value, known on the host without a read after the first step."""
+    value = _host_step(step) + 1
+    step.add_(1)
+    _HOST_STEPS[step] = (step._version, value)
+    return value
 
 
 def _code_counts(indices: torch.Tensor, k: int) -> torch.Tensor:
@@ -321,7 +355,7 @@ def _code_counts(indices: torch.Tensor, k: int) -> torch.Tensor:
 
 def _update(st: _State, cfg: _Config, x: torch.Tensor, indices: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     k, c = st.weight.shape
-    counts = torch.bincount(indices, minlength=k).float()  # (K,)
+    counts = _code_counts(indices, k).float()  # (K,); bincount would read its max to the host on a GPU
     if cfg.ema:
         sums = torch.zeros(k, c, device=x.device, dtype=torch.float32)
         sums.index_add_(0, indices, x.float())  # (K, C)
@@ -330,13 +364,13 @@ def _update(st: _State, cfg: _Config, x: torch.Tensor, indices: torch.Tensor, co
         packed = counts
     dist.all_reduce_sum_(packed)  # one collective for counts (and EMA sums): every rank updates alike
     counts = packed[:k]
-    st.step.add_(1)
+    step = _advance_step(st.step)
     st.last_used.copy_(torch.where(counts > 0, st.step, st.last_used))
     decay = 1.0 - 1.0 / cfg.usage_window
     st.usage_ema.mul_(decay).add_(counts / counts.sum().clamp_min(1.0), alpha=1.0 - decay)
     if cfg.ema:
         _ema_update(st, cfg, counts, packed[k:].view(k, c))
-    if cfg.restart_after > 0:
+    if cfg.restart_after > 0 and step % cfg.restart_every == 0:
         _restart_dead(st, cfg, x, codes)
     return counts.clone()
 
@@ -399,13 +433,13 @@ def _state_impl(
     weight: torch.Tensor, restart_offset: torch.Tensor, ema_cluster_size: torch.Tensor, ema_embed_sum: torch.Tensor,
     step: torch.Tensor, last_used: torch.Tensor, last_reset: torch.Tensor, usage_ema: torch.Tensor,
     restarts: torch.Tensor, ema: bool, ema_decay: float, ema_eps: float, restart_after: int, restart_sampling: str,
-    usage_window: int,
+    usage_window: int, restart_every: int,
 ) -> torch.Tensor:  # fmt: skip
     st = _State(weight, restart_offset, ema_cluster_size, ema_embed_sum, step, last_used, last_reset, usage_ema,
                 restarts)  # fmt: skip
-    cfg = _Config(ema, ema_decay, ema_eps, restart_after, restart_sampling, usage_window)
+    cfg = _Config(ema, ema_decay, ema_eps, restart_after, restart_sampling, usage_window, restart_every)
     if phase == "init":
-        if int(step) == 0:
+        if _host_step(step) == 0:
             _reseed(st, cfg, torch.arange(weight.shape[0], device=x.device), x)
         return x.new_empty(0, dtype=torch.float32)
     return _update(st, cfg, x, indices, codes)
@@ -416,7 +450,7 @@ def _state_fake(
     weight: torch.Tensor, restart_offset: torch.Tensor, ema_cluster_size: torch.Tensor, ema_embed_sum: torch.Tensor,
     step: torch.Tensor, last_used: torch.Tensor, last_reset: torch.Tensor, usage_ema: torch.Tensor,
     restarts: torch.Tensor, ema: bool, ema_decay: float, ema_eps: float, restart_after: int, restart_sampling: str,
-    usage_window: int,
+    usage_window: int, restart_every: int,
 ) -> torch.Tensor:  # fmt: skip
     return x.new_empty(0 if phase == "init" else weight.shape[0], dtype=torch.float32)
 

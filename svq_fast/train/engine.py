@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from svq_fast.config import OptimConfig, Stage1Config, Stage2Config, to_deepspeed
+from svq_fast.train.deepspeed_sync import keep_grad_norm_on_device
 
 
 def device() -> torch.device:
@@ -55,17 +56,29 @@ def build_engine(model: torch.nn.Module, cfg: Stage1Config | Stage2Config, *, lr
     import deepspeed
 
     prepare_module(model, cfg)
+    keep_grad_norm_on_device(cfg.zero.precision)
     opt = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or opt.lr, betas=opt.betas)
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=lr or opt.lr, betas=opt.betas, fused=fused_adam(opt, device())
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
     return engine, optimizer, scheduler
+
+
+def fused_adam(opt: OptimConfig, dev: torch.device) -> bool | None:
+    """optim.fused_adam: "auto" = fused on CUDA (one kernel per parameter group, and its step counts stay on the
+    device: the default foreach AdamW reads each group's step count to the host every step), torch's default
+    elsewhere (keeps CPU runs bit-identical to earlier ones)."""
+    if opt.fused_adam == "auto":
+        return True if dev.type == "cuda" else None
+    return opt.fused_adam == "on"
 
 
 def input_dtype(cfg: Stage1Config | Stage2Config) -> torch.dtype:

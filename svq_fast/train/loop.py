@@ -56,16 +56,64 @@ class Stage:
         self.loader = loader  # iterable of this rank's micro-batches with state_dict() / load_state_dict()
         self.timer = timer  # phase times of the sampled steps
 
-    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
-        """Forward, backward and engine.step() for one micro-batch -> named scalars; {} when a non-finite loss
-        made every rank skip it."""
+    decisions: StepDecisions | None = None  # set by `run`: the collective skip / stop decisions
+
+    def micro_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """Forward, backward and engine.step() for one micro-batch -> named 0-dim device tensors (detached; read on
+        logging steps only); {} when a non-finite loss made every rank skip it. A stage asks `self.agree(flags)`
+        whether to skip: never `.item()` or `bool()` on a device tensor here."""
         raise NotImplementedError
+
+    def agree(self, *nonfinite: torch.Tensor) -> list[bool]:
+        """Per flag (0-dim bool device tensors, e.g. `~torch.isfinite(loss)`): whether it is set on any rank; the
+        run's stop request rides along (StepDecisions). Without a loop (a stage used alone): one any-rank check."""
+        if self.decisions is None:
+            self.decisions = StepDecisions(nonfinite[0].device if nonfinite else torch.device("cpu"))
+        return self.decisions.agree(*nonfinite)
 
     def lr(self) -> float:
         return 0.0
 
     def log_images(self, step: int, log: RunLogger) -> None:
         """Image grids for TensorBoard at logging steps (optional)."""
+
+
+class StepDecisions:
+    """The decisions every rank must take alike during a step, agreed in ONE all-reduce and ONE host read per
+    check: skip a micro-batch whose loss is non-finite on some rank, and stop the run because some rank got a
+    SIGTERM or passed the time limit. A stage checks once per micro-batch before its backward (Stage.agree); the
+    stop request rides along, so a step costs no collective of its own for it. The stop reason is the collective
+    one: every rank prints the same."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+        self.local: Callable[[], tuple[bool, bool]] = lambda: (False, False)  # (SIGTERM seen, over time) here
+        self.preempted = self.over_time = False  # on some rank, as agreed
+        self.checks = 0  # agreements so far (the loop adds one when a step made none)
+
+    def agree(self, *nonfinite: torch.Tensor) -> list[bool]:
+        n = len(nonfinite)
+        flags = torch.zeros(n + 2, device=self.dev)  # device-side: no host-to-device copy of the flags
+        for i, flag in enumerate(nonfinite):
+            flags[i] = flag.reshape(())
+        preempted, over_time = self.local()
+        if preempted:
+            flags[n] = 1.0
+        if over_time:
+            flags[n + 1] = 1.0
+        bits = dist.any_rank_flags(flags)
+        self.preempted |= bool(bits >> n & 1)
+        self.over_time |= bool(bits >> (n + 1) & 1)
+        self.checks += 1
+        return [bool(bits >> i & 1) for i in range(n)]
+
+    @property
+    def stop(self) -> bool:
+        return self.preempted or self.over_time
+
+    @property
+    def reason(self) -> str:
+        return "preempted" if self.preempted else "max_seconds"
 
 
 AfterStep = Callable[[int], None]  # called after each optimizer step is complete (and checkpointed, if due)
@@ -88,24 +136,31 @@ def run(
     batches = _forever(stage.loader)
     t_start = time.perf_counter()
     step, stop_reason = start, "max_steps"
+    decisions = stage.decisions = StepDecisions(dev)
     with _Preemption() as preempt:  # held through the final checkpoint: a late SIGTERM must not cut it short
+        decisions.local = lambda: (
+            preempt.requested,
+            cfg.run.max_seconds > 0 and time.perf_counter() - t_start > cfg.run.max_seconds,
+        )
         with profiler(cfg.log.profile, run_dir) as prof:
             while step < opt.max_steps:
+                checks = decisions.checks
                 with stage.timer.sampled((step + 1) % cfg.log.every == 0):  # one timed step per logging window
                     step_logs = train_step(stage, batches, step, opt.grad_accum, guard, window)
+                if decisions.checks == checks:  # the stage made no check this step: agree on the stop alone
+                    decisions.agree()
                 window.add(step_logs)
                 step += 1
                 if prof is not None:
                     prof.step()
-                log.advance(window.means(stage.progress_keys))
-                over_time = cfg.run.max_seconds > 0 and time.perf_counter() - t_start > cfg.run.max_seconds
-                stop = dist.any_rank(preempt.requested or over_time, dev)  # every rank stops at the same step
-                last = step == opt.max_steps or stop
-                if step % cfg.log.every == 0 or last:
+                last = step == opt.max_steps or decisions.stop  # every rank stops at the same step
+                logging = step % cfg.log.every == 0 or last
+                log.advance(window.means(stage.progress_keys) if logging else None)  # a read: logging steps only
+                if logging:
                     history.append(log_window(step, stage, window, log, guard))
                 if last:
-                    if stop:
-                        stop_reason = "preempted" if preempt.requested else "max_seconds"
+                    if decisions.stop:
+                        stop_reason = decisions.reason
                     break
                 if cfg.run.save_every and step % cfg.run.save_every == 0:
                     checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank, run_id)
@@ -114,11 +169,12 @@ def run(
         log.close()
         if not (resumed and step == start):  # a resume that took no step: its checkpoint already holds this state
             checkpoint(run_dir, step, stage, history, cfg.run.keep_last, rank, run_id)
-        if stop_reason == "max_steps":
+        if stop_reason != "preempted":  # a finished run, or one stopped by its time limit: the model as it is
             export(cfg, stage, rank, run_dir)
-        elif rank == 0:
-            print(f"[{stage.name}] stopped at step {step} ({stop_reason}); checkpoint saved, resume with "
-                  "--run.resume=auto", flush=True)  # fmt: skip
+        if stop_reason != "max_steps" and rank == 0:
+            print(f"[{stage.name}] stopped at step {step} ({stop_reason}); checkpoint saved"
+                  + (", model exported" if stop_reason == "max_seconds" else "")
+                  + ", resume with --run.resume=auto", flush=True)  # fmt: skip
     dist.barrier()
     release_lock(run_dir)  # taken by run_dir.prepare_run (rank 0); a no-op where not held
     return {
@@ -223,10 +279,11 @@ class NonFiniteGuard:
 
 def train_step(
     stage: Stage, batches: Iterator[dict], step: int, grad_accum: int, guard: NonFiniteGuard, window: MetricsWindow
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One optimizer step: grad_accum applied micro-batches (a skipped one is replaced by the next) -> their mean
-    scalars. The data comes from `batches`; the gradient is taken and applied inside stage.micro_step."""
-    step_logs: dict[str, float] = {}
+    scalars (device tensors). The data comes from `batches`; the gradient is taken and applied inside
+    stage.micro_step."""
+    step_logs: dict[str, torch.Tensor] = {}
     applied = 0
     while applied < grad_accum:
         t0 = time.perf_counter()

@@ -1,5 +1,9 @@
 """A logging window of the training loop: per-key means over the steps that reported each key, throughput,
-MFU, data wait, phase times, memory and engine health, reduced over ranks once per window."""
+MFU, data wait, phase times, memory and engine health, reduced over ranks once per window.
+
+The steps' scalars arrive as device tensors and are summed on the device; the host reads them once per window
+(one all-reduce of one stacked tensor, one read), as torchtitan and nanoGPT do: a step that does not log never
+waits for the GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import time
 
 import torch
 
-from svq_fast.dist import all_reduce_mean
+from svq_fast.dist import all_reduce_mean, all_reduce_mean_tensors
 from svq_fast.train.perf import peak_memory_mib
 
 
@@ -19,30 +23,38 @@ class MetricsWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # 0-dim fp32 device tensors
         self.counts: dict[str, int] = {}  # steps that reported each key (some are logged only on some steps)
         self.steps = 0
         self.data_seconds = 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, step_logs: dict[str, float]) -> None:
-        """One optimizer step's scalars (already averaged over its micro-batches)."""
+    def add(self, step_logs: dict[str, torch.Tensor]) -> None:
+        """One optimizer step's scalars (device tensors, already averaged over its micro-batches); no host read."""
         for k, v in step_logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            v = torch.as_tensor(v, dtype=torch.float32, device=self.dev).detach()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1
         self.steps += 1
 
-    def means(self, keys: tuple[str, ...] | None = None) -> dict[str, float]:
-        """This rank's window means (all keys, or those of `keys` that were reported)."""
+    def mean_tensors(self, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """This rank's window means as device tensors (all keys, or those of `keys` that were reported)."""
         keys = tuple(self.sums) if keys is None else tuple(k for k in keys if k in self.sums)
         return {k: self.sums[k] / self.counts[k] for k in keys}
+
+    def means(self, keys: tuple[str, ...] | None = None) -> dict[str, float]:
+        """This rank's window means, read to the host (one read): for logging steps only."""
+        means = self.mean_tensors(keys)
+        if not means:
+            return {}
+        return dict(zip(means, torch.stack(list(means.values())).tolist()))
 
     def reduce(self, tensorboard_seconds: float) -> tuple[dict[str, float], dict[str, float]]:
         """Collective: -> (rank-mean losses, every other scalar) of the window (the caller then reset()s it).
         tensorboard_seconds: the logger's total writer time so far (its share of this window is reported)."""
         elapsed = time.perf_counter() - self.t0
         stage = self.stage
-        losses = all_reduce_mean(self.means(), self.dev)
+        losses = all_reduce_mean_tensors(self.mean_tensors())
         samples = self.steps * self.samples_per_step  # this rank's
         unit, per_sample = stage.throughput_unit
         scalars = {

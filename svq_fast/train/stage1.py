@@ -11,6 +11,7 @@ partitioned and gathered by module hooks) it runs the module with requires_grad 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from contextlib import contextmanager
 
@@ -21,7 +22,7 @@ from svq_fast.config import Stage1Config
 from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards, ordered_loader
 from svq_fast.data.run_shards import shards_or_synthetic
-from svq_fast.dist import all_reduce_mean, init_deepspeed, nonfinite_anywhere
+from svq_fast.dist import all_reduce_mean_, init_deepspeed
 from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.class_balance import balanced_class_weights, pixel_weights
 from svq_fast.losses.gan import adaptive_weight, discriminator_loss, generator_adv_loss, lecam_penalty
@@ -48,6 +49,16 @@ def _frozen(module: torch.nn.Module):
             p.requires_grad_(f)
 
 
+def _gathered(engine):
+    """The engine's module with every weight whole for the block: ZeRO-3 partitions them (gathered here, read-only);
+    a no-op at ZeRO 0-2."""
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
 def generator_adv_logits(disc_engine, x_hat: torch.Tensor) -> torch.Tensor:
     """Discriminator logits on x_hat with gradient to x_hat only, never to the discriminator's weights. The module is
     called around the engine (whose forward would start DeepSpeed's hooks), so the engine's bf16 autocast is entered
@@ -70,7 +81,8 @@ def _weight_shape(param: torch.Tensor):
 
 class Stage1(Stage):
     """One micro-batch: generator forward -> generator loss (named terms) -> generator step -> discriminator step.
-    micro_step returns detached scalars for logging ({} when a non-finite loss made every rank skip it)."""
+    micro_step returns detached 0-dim device tensors for logging ({} when a non-finite loss made every rank skip
+    it): nothing in a step reads a device value to the host except the collective skip / stop decisions."""
 
     name = "stage1"
     progress_keys = ("rec", "adv_term", "sem_ce", "d_loss")
@@ -104,7 +116,7 @@ class Stage1(Stage):
     def lr(self) -> float:
         return self.gen.lr_scheduler.get_last_lr()[0]
 
-    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
+    def micro_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         m, dev = self.model, self.dev
         x = batch["image"].to(dev, self.dtype) if m.has_image else None
         s = batch["label"].to(dev) if m.has_semantic else None
@@ -113,7 +125,7 @@ class Stage1(Stage):
         loss, reported, logs = self.generator_loss(out, x, s, step)
         if not self.generator_step(loss, reported):
             return {}  # every rank skips this micro-batch (the loop counts it and may stop the run)
-        logs["loss"] = reported.item()
+        logs["loss"] = reported
         self.last = {"x": x, "s": s, "x_hat": out.get("x_hat"), "s_labels": out.get("s_labels")}
         if self.disc is not None and step >= self.cfg.loss.disc_start - self.cfg.loss.disc_warmup:
             d_logs = self.discriminator_step(x, out["x_hat"].detach())
@@ -135,13 +147,13 @@ class Stage1(Stage):
         m = self.model
         loss = torch.zeros((), device=self.dev)
         reported = torch.zeros((), device=self.dev)
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         if m.has_image:
             surrogate, image_loss, logs_x = self.image_terms(out, x, s, step)
             loss = loss + surrogate + out["vq_loss_x"]
             reported = reported + image_loss.detach() + out["vq_loss_x"].detach()
-            logs.update(logs_x, vq_x=out["vq_loss_x"].item(), perplexity_x=out["perplexity_x"].item())
-            logs["codes_used_x"] = m.quantizer_x.usage_stats()["usage_fraction"]
+            logs.update(logs_x, vq_x=out["vq_loss_x"].detach(), perplexity_x=out["perplexity_x"].detach())
+            logs["codes_used_x"] = m.quantizer_x.usage_fraction()
         if m.has_semantic:
             sem_total, logs_s = self.semantic_terms(out, s)
             loss = loss + sem_total
@@ -163,16 +175,16 @@ class Stage1(Stage):
         if self.image_class_weight is not None:
             weight = pixel_weights(s, self.image_class_weight, self.cfg.model.ignore_index)
         rec = reconstruction_loss(leaf, x, l1_weight=cfg.l1_weight, l2_weight=cfg.l2_weight, pixel_weight=weight)
-        logs = {"rec": rec.item()}
+        logs = {"rec": rec.detach()}
         nll = rec
         if self.perceptual is not None:
             p_loss = self.perceptual(leaf, x)
             nll = nll + cfg.perceptual_weight * p_loss
-            logs["lpips"] = p_loss.item()
+            logs["lpips"] = p_loss.detach()
         if cfg.texture_weight:
             t_loss = texture_loss(leaf, x, cfg.texture_window, pixel_weight=weight)
             nll = nll + cfg.texture_weight * t_loss
-            logs["texture"] = t_loss.item()
+            logs["texture"] = t_loss.detach()
         image_loss = nll
         if self.disc is not None and step >= cfg.disc_start:
             g_loss = generator_adv_loss(generator_adv_logits(self.disc, leaf), cfg.gan_loss)
@@ -185,7 +197,7 @@ class Stage1(Stage):
                 )
             adv_term = cfg.disc_weight * d_weight * g_loss
             image_loss = nll + adv_term
-            logs.update(g_adv=g_loss.item(), d_weight=d_weight.item(), adv_term=adv_term.item())
+            logs.update(g_adv=g_loss.detach(), d_weight=d_weight.detach(), adv_term=adv_term.detach())
         (grad_x_hat,) = torch.autograd.grad(image_loss, leaf)
         surrogate = (x_hat * grad_x_hat.to(x_hat.dtype)).sum()  # d surrogate / d x_hat == grad_x_hat
         return surrogate, image_loss, logs
@@ -200,18 +212,19 @@ class Stage1(Stage):
             out["s_labels"] = m.semantic_labels(out["s_logits"])  # (B, H, W); also kept for the image grid
             acc = ((out["s_labels"] == s) & valid).sum() / valid.sum().clamp_min(1)
         logs = {
-            "codes_used_s": m.quantizer_s.usage_stats()["usage_fraction"],
-            "sem_ce": ce.item(),
-            "vq_s": out["vq_loss_s"].item(),
-            "sem_acc": acc.item(),
-            "perplexity_s": out["perplexity_s"].item(),
+            "codes_used_s": m.quantizer_s.usage_fraction(),
+            "sem_ce": ce.detach(),
+            "vq_s": out["vq_loss_s"].detach(),
+            "sem_acc": acc,
+            "perplexity_s": out["perplexity_s"].detach(),
         }
         return weight * (ce + out["vq_loss_s"]), logs
 
     def generator_step(self, loss: torch.Tensor, reported: torch.Tensor) -> bool:
         """Backward and optimizer step of the generator; False (no step on any rank) when the loss is
         non-finite on some rank."""
-        if nonfinite_anywhere(reported):
+        (nonfinite,) = self.agree(~torch.isfinite(reported))  # one host read (the run's stop request rides along)
+        if nonfinite:
             return False
         with self.timer("backward"):
             self.gen.backward(loss)
@@ -221,44 +234,47 @@ class Stage1(Stage):
 
     # -- discriminator --------------------------------------------------------------------------------
 
-    def discriminator_step(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
+    def discriminator_step(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
         """GAN loss on (x, sg[x_hat]) [+ LeCam]; -> named scalars, {} when the loss was non-finite on any rank."""
         cfg, b = self.cfg.loss, x.shape[0]
         with self.timer("discriminator"):
             logits = self.disc(torch.cat([x, x_hat]))  # one pass: real then fake
         real, fake = logits[:b], logits[b:]
         d_loss = discriminator_loss(real, fake, cfg.gan_loss)
-        logs = {"logits_real": real.mean().item(), "logits_fake": fake.mean().item()}
+        logs = {"logits_real": real.detach().float().mean(), "logits_fake": fake.detach().float().mean()}
         if cfg.lecam_weight > 0:
             ema = self.disc.module.lecam_ema  # (2,): running means of the real and fake logits
             penalty = lecam_penalty(real, fake, ema[0], ema[1])
             d_loss = d_loss + cfg.lecam_weight * penalty
-            logs["lecam"] = penalty.item()
-        if nonfinite_anywhere(d_loss):
+            logs["lecam"] = penalty.detach()
+        (nonfinite,) = self.agree(~torch.isfinite(d_loss.detach()))
+        if nonfinite:
             return {}
         with self.timer("discriminator"):
             self.disc.backward(d_loss)
             self.disc.step()
         if cfg.lecam_weight > 0:  # the rank-averaged batch means, so every rank keeps the same running means
-            means = all_reduce_mean({"r": logs["logits_real"], "f": logs["logits_fake"]}, self.dev)
-            new = torch.tensor([means["r"], means["f"]], device=ema.device, dtype=ema.dtype)
-            ema.mul_(cfg.lecam_decay).add_((1 - cfg.lecam_decay) * new)
-        logs["d_loss"] = d_loss.item()
+            new = all_reduce_mean_(torch.stack([logs["logits_real"], logs["logits_fake"]]).double())
+            ema.mul_(cfg.lecam_decay).add_((1 - cfg.lecam_decay) * new.to(ema.dtype))
+        logs["d_loss"] = d_loss.detach()
         return logs
 
     @torch.no_grad()
-    def discriminator_health(self) -> dict[str, float]:
+    def discriminator_health(self) -> dict[str, torch.Tensor]:
         """Mean discriminator logit on the fixed held-out batch's real images and on their reconstructions (the
-        model in eval mode): a discriminator that has learned something scores the real ones higher."""
+        model in eval mode): a discriminator that has learned something scores the real ones higher. The generator
+        is called outside its engine, so under ZeRO-3 its partitioned weights are gathered for the call (the
+        quantizers read their codebooks from a child module that is never called itself)."""
         m, disc = self.model, self.disc.module
         x, s = self.heldout["image"].to(self.dev, self.dtype), self.heldout["label"].to(self.dev)
         was_training = m.training
         m.eval()
         try:
-            x_hat = m(x, s if m.has_semantic else None)["x_hat"]
+            with _gathered(self.gen):
+                x_hat = m(x, s if m.has_semantic else None)["x_hat"]
         finally:
             m.train(was_training)
-        real, fake = disc(x).float().mean().item(), disc(x_hat).float().mean().item()
+        real, fake = disc(x).float().mean(), disc(x_hat).float().mean()
         return {"disc_heldout_real": real, "disc_heldout_recon": fake, "disc_heldout_gap": real - fake}
 
 

@@ -12,7 +12,7 @@ import torch
 
 from svq_fast.config import Stage2Config
 from svq_fast.data.tokens import make_token_loader, read_token_index
-from svq_fast.dist import init_deepspeed, nonfinite_anywhere
+from svq_fast.dist import init_deepspeed
 from svq_fast.export import load_tokenizer
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.tokenizer import Tokenizer
@@ -38,7 +38,7 @@ class Stage2(Stage):
     def lr(self) -> float:
         return self.gpt.lr_scheduler.get_last_lr()[0]
 
-    def micro_step(self, batch: dict, step: int) -> dict[str, float]:
+    def micro_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         dev = self.dev
         if self.tokenizer is None:
             sem, img = batch["sem"].to(dev), batch["img"].to(dev)
@@ -46,13 +46,14 @@ class Stage2(Stage):
             sem, img = self.tokenizer(batch["image"].to(dev), batch["label"].to(dev))
         with self.timer("forward"):
             _, loss = self.gpt(sem, img)
-        if nonfinite_anywhere(loss):
+        (nonfinite,) = self.agree(~torch.isfinite(loss.detach()))  # the step's one host read (stop request included)
+        if nonfinite:
             return {}
         with self.timer("backward"):
             self.gpt.backward(loss)
         with self.timer("optimizer"):
             self.gpt.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
 
 def train_stage2(cfg: Stage2Config, after_step=()) -> dict:

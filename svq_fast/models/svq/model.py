@@ -60,6 +60,7 @@ class SVQModel(nn.Module):
             ema_decay=qcfg.ema_decay,
             restart_after=qcfg.restart_after,
             restart_sampling=qcfg.restart_sampling,
+            restart_every=qcfg.restart_every,
             usage_window=qcfg.usage_window,
             deterministic=qcfg.deterministic,
             init_from_data=qcfg.init_from_data,
