@@ -45,8 +45,9 @@ def window_starts(n: int, g: int, stride: int) -> list[int]:
         raise ValueError(f"window stride must be >= 1, got {stride}")
     starts = sorted(set(range(0, n - g + 1, stride)) | {n - g})
     centre = g // 2
-    # nearest window centre; a tie goes to the earlier window (the token sits further in: more context before it)
-    return [min(starts, key=lambda a: (abs(i - a - centre), a)) for i in range(n)]
+    # among the windows that hold the token, the nearest centre; a tie goes to the earlier window (the token sits
+    # further in: more context before it)
+    return [min((a for a in starts if a <= i < a + g), key=lambda a: (abs(i - a - centre), a)) for i in range(n)]
 
 
 def default_stride(g: int) -> int:

@@ -35,6 +35,10 @@ def test_window_starts_taming_placement_at_stride_1_and_nearest_centre_otherwise
     assert window_starts(20, 16, 8) == [0] * 11 + [4] * 9  # the last window always ends at the grid's end
     with pytest.raises(ValueError, match="smaller than the GPT's window"):
         window_starts(12, 16, 8)
+    # stride = window (tiles): token 16 is at the first window's centre distance too, but only the second holds it
+    assert window_starts(32, 16, 16) == [0] * 16 + [16] * 16
+    for n, g, stride in [(32, 16, 16), (37, 16, 8), (20, 4, 3), (9, 4, 4), (64, 16, 5)]:
+        assert all(a <= i < a + g for i, a in enumerate(window_starts(n, g, stride)))
 
 
 def test_window_cost_counts_each_window_once():
@@ -43,7 +47,10 @@ def test_window_cost_counts_each_window_once():
     assert c["positions"] <= 9 * 512
     assert c["recompute_positions"] > 80 * c["positions"]
     assert window_cost(16, 16, 16) == {
-        "windows": 1, "positions": 256 + 255, "live_windows": 1, "recompute_positions": 256 * 256 + 255 * 256 // 2,
+        "windows": 1,
+        "positions": 256 + 255,
+        "live_windows": 1,
+        "recompute_positions": 256 * 256 + 255 * 256 // 2,
         "stride": 8,
     }
 
@@ -59,7 +66,8 @@ def test_training_size_grid_gives_exactly_the_plain_sampler_tokens(aligned):
 
 
 @pytest.mark.parametrize(
-    "shape, stride, prefix_lm", [((8, 8), None, False), ((4, 8), None, True), ((6, 9), 1, False), ((6, 9), None, True)]
+    "shape, stride, prefix_lm",
+    [((8, 8), None, False), ((4, 8), None, True), ((6, 9), 1, False), ((6, 9), None, True), ((8, 8), 4, False)],
 )
 def test_cached_windows_equal_per_token_recomputation(shape, stride, prefix_lm):
     m = _gpt(aligned_condition=True, prefix_lm=prefix_lm)
