@@ -18,6 +18,12 @@ Full recomputation costs O(T^2) per sample, so on CPU it is timed on the first -
 t_full(K) / t_mode(K), both measured in this run) and on all 256 tokens for the tokens/s. Over the first K
 tokens the cached path also pays the whole prefill while the recomputation is at its cheapest, so the
 speedup over a complete 256-token sample is larger than the printed one (nothing is extrapolated).
+
+Sliding windows (--window-grids, default 1x2,2x2): maps larger than the GPT's grid, R x C windows' worth of latents
+(16R x 16C), sampled by svq_fast.eval.sliding_window: mode "window" (each window's KV cache caught up with its
+neighbours' tokens) on all 256RC tokens, and on the first --full-tokens tokens beside "window-full" (taming's
+recomputation of every token's window sequence) for its speedup. `positions` = sequence positions the cached
+windows run through the GPT (window_cost), against 511 for one 16x16 sample.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from device_info import cpu_name  # benchmarks/device_info.py (the script folder
 
 from svq_fast.config import GPTConfig
 from svq_fast.eval.sampling import sample_image_tokens
+from svq_fast.eval.sliding_window import sample_image_tokens_window, window_cost
 from svq_fast.models.gpt import SemanticGPT
 
 MODES = ("full", "dynamic", "static", "cuda-graph")
@@ -60,6 +67,11 @@ def parse_args(argv=None):
         help="torch.set_num_threads on CPU (default 1: on a shared, oversubscribed box 2 threads "
         "made timings erratic, see results/attention_cpu.md)",
     )
+    p.add_argument(
+        "--window-grids",
+        default="1x2,2x2",
+        help="comma list of RxC grids of windows for the sliding-window rows ('' = none)",
+    )
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
@@ -85,6 +97,12 @@ def parse_args(argv=None):
         p.error("--full-tokens must be in [1, 256]")
     if args.threads is None and args.device == "cpu":
         args.threads = 1
+    try:
+        args.window_grids = [tuple(int(v) for v in x.split("x")) for x in args.window_grids.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--window-grids: expected a comma list like 1x2,2x2, got {args.window_grids!r}")
+    if any(len(rc) != 2 or min(rc) < 1 for rc in args.window_grids):
+        p.error(f"--window-grids: each entry is RxC with R, C >= 1, got {args.window_grids}")
     return args
 
 
@@ -132,6 +150,57 @@ def time_sampling(gpt, sem, mode: str, n: int, reps: int) -> float:
         sync(sem.device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def time_window(gpt, sem, shape, n: int, reps: int, use_cache: bool) -> float:
+    """Median seconds of one sliding-window sampling call over the first n tokens of a shape = (h, w) grid."""
+    times = []
+    for r in range(reps):
+        gen = torch.Generator(sem.device).manual_seed(r)
+        sync(sem.device)
+        t0 = time.perf_counter()
+        sample_image_tokens_window(gpt, sem, shape, generator=gen, num_tokens=n, use_cache=use_cache)
+        sync(sem.device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def window_rows(args, gpt, cfg, device, info) -> list[dict]:
+    """The sliding-window rows: per batch and R x C grid of windows, cached on all tokens and on the first K
+    (beside per-token recomputation on the first K, for the speedup)."""
+    rows = []
+    k = args.full_tokens
+    for b in args.batches:
+        for r, c in args.window_grids:
+            shape = (r * cfg.grid, c * cfg.grid)
+            sem = torch.randint(0, cfg.semantic_vocab, (b, shape[0] * shape[1]), device=device)
+            sample_image_tokens_window(gpt, sem, shape, num_tokens=3)  # warm-up
+            cost = window_cost(*shape, cfg.grid)
+            t_k = {}
+            for mode, n in (("window-full", k), ("window", k), ("window", shape[0] * shape[1])):
+                load0 = loadavg()
+                t = time_window(gpt, sem, shape, n, args.reps, use_cache=mode == "window")
+                if n == k:
+                    t_k[mode] = t
+                rows.append(
+                    dict(
+                        device=info["device"],
+                        dtype=args.dtype,
+                        batch=b,
+                        mode=f"{mode} {r}x{c}",
+                        tokens=n,
+                        seconds=round(t, 4),
+                        tokens_per_s=round(b * n / t, 2),
+                        positions=cost["positions"] if mode == "window" else cost["recompute_positions"],
+                        load_start=load0,
+                        load_end=loadavg(),
+                    )
+                )
+                print(f"batch {b:3d} {mode} {r}x{c} {n:4d} tokens  {t:9.3f} s  {b * n / t:10.1f} tokens/s", flush=True)
+            s = t_k["window-full"] / t_k["window"]
+            rows[-2]["speedup_vs_full"] = round(s, 2)
+            print(f"batch {b:3d} window {r}x{c} speedup {s:.1f} (vs per-token recomputation, first {k} tokens each)")
+    return rows
 
 
 def main(argv=None):
@@ -198,20 +267,23 @@ def main(argv=None):
                     if row["batch"] == b and row["mode"] == mode and row["tokens"] == k:
                         row["speedup_vs_full"] = round(s, 2)
                 print(f"batch {b:3d} {mode:10s} speedup {s:.1f} (vs full recomputation, first {k} tokens each)")
+    if args.window_grids:
+        rows += window_rows(args, gpt, cfg, device, info)
     result = dict(bench="sampling", args=vars(args), info=info, rows=rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     if args.md:
         lines = [
-            "| batch | mode | image tokens | s | tokens/s | speedup vs full (same K) | load 1m start/end |",
-            "|---|---|---|---|---|---|---|",
+            "| batch | mode | image tokens | s | tokens/s | speedup vs full (same K) | load 1m start/end "
+            "| GPT positions |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             sp = f"{r['speedup_vs_full']:.1f}" if "speedup_vs_full" in r else "-"
             lines.append(
                 f"| {r['batch']} | {r['mode']} | {r['tokens']} | {r['seconds']:.3f} | "
-                f"{r['tokens_per_s']:.1f} | {sp} | {r['load_start']} / {r['load_end']} |"
+                f"{r['tokens_per_s']:.1f} | {sp} | {r['load_start']} / {r['load_end']} | {r.get('positions', '-')} |"
             )
         Path(args.md).write_text("\n".join(lines) + "\n")
     return rows
