@@ -256,7 +256,9 @@ def watch_launcher(interval: float = 1.0) -> None:
 # middle of a collective. The store is polled, not waited on, so the thread never holds a store request open.
 
 FAILURE_KEY = "svq_fast/failure"
+SEEN_KEY = "svq_fast/failure_seen"  # counts the ranks that printed the failure
 PEER_POLL_SECONDS = 0.5
+ANNOUNCE_WAIT_SECONDS = 5.0  # the failing rank waits this long at most for the others to print its error
 PEER_EXIT_CODE = 3  # a rank stopped because another rank failed (the failed rank exits with its own error)
 _peer_watch: dict = {}
 
@@ -276,8 +278,13 @@ def announce_failure(error: BaseException) -> None:
     _peer_watch["self_failed"] = True
     text = f"rank {rank()}: {type(error).__name__}: {error}"
     try:
-        if not store.check([FAILURE_KEY]):
-            store.set(FAILURE_KEY, text[:4000])
+        if store.check([FAILURE_KEY]):
+            return  # another rank failed first: its error is the one every rank prints
+        store.set(FAILURE_KEY, text[:4000])
+        # Let the others print it before this rank exits: the launcher kills every rank once one has exited.
+        deadline = time.monotonic() + ANNOUNCE_WAIT_SECONDS
+        while store.add(SEEN_KEY, 0) < world_size() - 1 and time.monotonic() < deadline:
+            time.sleep(PEER_POLL_SECONDS / 5)
     except (RuntimeError, OSError):  # the store (rank 0's process) may be gone already
         pass
 
@@ -305,6 +312,10 @@ def watch_peers(interval: float = PEER_POLL_SECONDS) -> None:
                 text = "(its error could not be read)"
             print(f"[rank {me}] stopping: {text}", file=sys.stderr, flush=True)
             sys.stdout.flush()
+            try:
+                store.add(SEEN_KEY, 1)
+            except (RuntimeError, OSError):
+                pass
             os._exit(PEER_EXIT_CODE)  # the main thread may sit in a collective that will never complete
 
     _peer_watch["thread"] = threading.Thread(target=poll, name="svq-peer-watch", daemon=True)

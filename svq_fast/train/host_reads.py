@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import traceback
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from svq_fast.kernels._library import IMPLS

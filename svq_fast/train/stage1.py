@@ -22,7 +22,7 @@ from svq_fast.config import Stage1Config
 from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards, ordered_loader
 from svq_fast.data.run_shards import shards_or_synthetic
-from svq_fast.dist import all_reduce_mean_, init_deepspeed
+from svq_fast.dist import all_reduce_mean_, fail_together, init_deepspeed
 from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.class_balance import balanced_class_weights, pixel_weights
 from svq_fast.losses.gan import adaptive_weight, discriminator_loss, generator_adv_loss, lecam_penalty
@@ -307,30 +307,32 @@ def class_weights(cfg: Stage1Config, model: SVQModel, shards: list[str], rank: i
 def train_stage1(cfg: Stage1Config, after_step=()) -> dict:
     """Build the engines, the loader and the stage, then run the shared loop (after_step: test callbacks)."""
     rank, world = init_deepspeed()
-    run_dir = prepare_run(cfg, rank)
-    dev = device()
-    perceptual = build_perceptual(
-        cfg.loss.perceptual_weight, cfg.loss.lpips_vgg_path
-    )  # fails early if asked and absent
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    model = SVQModel(cfg.model, cfg.quantizer)
-    shards = shards_or_synthetic(cfg.data, "train", rank)  # once: class weights and the loader read the same list
-    class_weight, image_class_weight = class_weights(cfg, model, shards, rank)
-    if model.has_semantic:
-        model.set_semantic_class_weight(class_weight)  # saved with the model: semantic_labels undoes the weights
-    engines = {"generator": build_engine(model, cfg, world_size=world)[0]}
-    if cfg.loss.gan and model.has_image:
-        lecam = cfg.loss.lecam_weight > 0
-        d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers, lecam=lecam)
-        engines["discriminator"] = build_engine(d_model, cfg, lr=cfg.optim.disc_lr or cfg.optim.lr, world_size=world)[0]
-    heldout = heldout_batch(cfg) if "discriminator" in engines else None
-    loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, shards, log_dir=tensorboard_dir(cfg),
-                          num_classes=cfg.model.num_classes, ignore_index=cfg.model.ignore_index,
-                          window=cfg.log.every * cfg.optim.grad_accum)  # fmt: skip
-    stage = Stage1(cfg, engines, loader, dev, perceptual=None if perceptual is None else perceptual.to(dev),
-                   class_weight=class_weight, image_class_weight=image_class_weight, heldout=heldout)  # fmt: skip
-    stage.flops_per_sample = stage1_flops_per_sample(cfg, dev)
-    return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir, after_step=after_step)
+    with fail_together():  # an error on this rank stops every rank, with this rank's message
+        run_dir = prepare_run(cfg, rank)
+        dev = device()
+        perceptual = build_perceptual(
+            cfg.loss.perceptual_weight, cfg.loss.lpips_vgg_path
+        )  # fails early if asked and absent
+        torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+        model = SVQModel(cfg.model, cfg.quantizer)
+        shards = shards_or_synthetic(cfg.data, "train", rank)  # once: class weights and the loader read the same list
+        class_weight, image_class_weight = class_weights(cfg, model, shards, rank)
+        if model.has_semantic:
+            model.set_semantic_class_weight(class_weight)  # saved with the model: semantic_labels undoes the weights
+        engines = {"generator": build_engine(model, cfg, world_size=world)[0]}
+        if cfg.loss.gan and model.has_image:
+            lecam = cfg.loss.lecam_weight > 0
+            d_model = PatchDiscriminator(ch=cfg.loss.disc_ch, n_layers=cfg.loss.disc_layers, lecam=lecam)
+            disc_lr = cfg.optim.disc_lr or cfg.optim.lr
+            engines["discriminator"] = build_engine(d_model, cfg, lr=disc_lr, world_size=world)[0]
+        heldout = heldout_batch(cfg) if "discriminator" in engines else None
+        loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, shards, log_dir=tensorboard_dir(cfg),
+                              num_classes=cfg.model.num_classes, ignore_index=cfg.model.ignore_index,
+                              window=cfg.log.every * cfg.optim.grad_accum)  # fmt: skip
+        stage = Stage1(cfg, engines, loader, dev, perceptual=None if perceptual is None else perceptual.to(dev),
+                       class_weight=class_weight, image_class_weight=image_class_weight, heldout=heldout)  # fmt: skip
+        stage.flops_per_sample = stage1_flops_per_sample(cfg, dev)
+        return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir, after_step=after_step)
 
 
 def heldout_batch(cfg: Stage1Config) -> dict | None:

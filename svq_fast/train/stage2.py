@@ -12,7 +12,7 @@ import torch
 
 from svq_fast.config import Stage2Config
 from svq_fast.data.tokens import make_token_loader, read_token_index
-from svq_fast.dist import init_deepspeed
+from svq_fast.dist import fail_together, init_deepspeed
 from svq_fast.export import load_tokenizer
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.tokenizer import Tokenizer
@@ -59,21 +59,22 @@ class Stage2(Stage):
 def train_stage2(cfg: Stage2Config, after_step=()) -> dict:
     """Build the tokenizer, the GPT engine, the loader and the stage, then run the shared loop."""
     rank, world = init_deepspeed()
-    run_dir = prepare_run(cfg, rank)
-    dev = device()
-    tokenizer = None if cfg.data.token_shards else load_tokenizer(cfg, dev)
-    torch.manual_seed(cfg.run.seed)
-    gpt = build_engine(SemanticGPT(cfg.model, chunked_ce=cfg.model.chunked_ce), cfg, world_size=world)[0]
-    if cfg.data.token_shards:
-        loader = token_train_loader(cfg, rank, world)
-    else:
-        labels = (tokenizer.semantic_model or tokenizer.image_model).cfg  # the model that reads the labels
-        loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, log_dir=tensorboard_dir(cfg),
-                              num_classes=labels.num_classes, ignore_index=labels.ignore_index,
-                              window=cfg.log.every * cfg.optim.grad_accum)  # fmt: skip
-    stage = Stage2(cfg, gpt, loader, dev, tokenizer)
-    stage.flops_per_sample = gpt_flops_per_sample(cfg, dev)
-    return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir, after_step=after_step)
+    with fail_together():  # an error on this rank stops every rank, with this rank's message
+        run_dir = prepare_run(cfg, rank)
+        dev = device()
+        tokenizer = None if cfg.data.token_shards else load_tokenizer(cfg, dev)
+        torch.manual_seed(cfg.run.seed)
+        gpt = build_engine(SemanticGPT(cfg.model, chunked_ce=cfg.model.chunked_ce), cfg, world_size=world)[0]
+        if cfg.data.token_shards:
+            loader = token_train_loader(cfg, rank, world)
+        else:
+            labels = (tokenizer.semantic_model or tokenizer.image_model).cfg  # the model that reads the labels
+            loader = train_loader(cfg.data, cfg.optim.micro_batch, rank, world, log_dir=tensorboard_dir(cfg),
+                                  num_classes=labels.num_classes, ignore_index=labels.ignore_index,
+                                  window=cfg.log.every * cfg.optim.grad_accum)  # fmt: skip
+        stage = Stage2(cfg, gpt, loader, dev, tokenizer)
+        stage.flops_per_sample = gpt_flops_per_sample(cfg, dev)
+        return loop.run(cfg, stage, rank=rank, world=world, dev=dev, run_dir=run_dir, after_step=after_step)
 
 
 def gpt_flops_per_sample(cfg: Stage2Config, dev: torch.device) -> float:
