@@ -82,32 +82,36 @@ def check_ids(label: np.ndarray, palette: ClassPalette, what: str) -> np.ndarray
         raise MapError(str(e)) from None
 
 
-def decode_grid(payload: str, size: int, palette: ClassPalette) -> np.ndarray:
-    """The page's painted map: base64 of H*W raw uint8 ids, row-major -> (H, W) uint8."""
+def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def decode_grid(payload: str, size: int | tuple[int, int], palette: ClassPalette) -> np.ndarray:
+    """The page's painted map: base64 of H*W raw uint8 ids, row-major -> (H, W) uint8; size: H = W, or (H, W)."""
+    h, w = _shape(size)
     if not isinstance(payload, str) or not payload:
         raise MapError("no map in the request (expected base64 of the painted class ids)")
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise MapError(f"the map is not valid base64 ({e})") from None
-    if len(raw) != size * size:
-        raise MapError(
-            f"the map has {len(raw)} pixels, this model takes {size}x{size} = {size * size}; reload the page"
-        )
-    return check_ids(np.frombuffer(raw, np.uint8).reshape(size, size), palette, "the painted map")
+    if len(raw) != h * w:
+        raise MapError(f"the map has {len(raw)} pixels, this model takes {h}x{w} = {h * w}; reload the page")
+    return check_ids(np.frombuffer(raw, np.uint8).reshape(h, w), palette, "the painted map")
 
 
 def encode_grid(label: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(label, np.uint8).tobytes()).decode("ascii")
 
 
-def decode_png(data: bytes, size: int, palette: ClassPalette, name: str = "the upload") -> np.ndarray:
-    """An uploaded label PNG -> (size, size) uint8 ids; MapError says what is wrong with it."""
+def decode_png(data: bytes, size: int | None, palette: ClassPalette, name: str = "the upload") -> np.ndarray:
+    """An uploaded label PNG -> (H, W) uint8 ids; MapError says what is wrong with it. size: the one size it must
+    have (H = W = size), or None for any (the caller checks the shape, e.g. Synthesizer.check_map)."""
     if len(data) > MAX_UPLOAD_BYTES:
-        raise MapError(f"{name} is {len(data) >> 20} MiB; a label PNG at {size}x{size} is far smaller")
+        raise MapError(f"{name} is {len(data) >> 20} MiB; a label PNG is far smaller")
     try:
         img = label_files.open_png(data, name)
-        if img.size != (size, size):
+        if size is not None and img.size != (size, size):
             raise MapError(f"{name} is {img.size[0]}x{img.size[1]}; this model paints {size}x{size} maps")
         return label_files.ids_from_image(img, map_spec(palette), name)
     except LabelFileError as e:

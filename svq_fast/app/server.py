@@ -6,8 +6,11 @@ server keeps serving):
     GET  /api/info                 the loaded model (size, palette, names, default settings) or why none is loaded
     POST /api/model                {"gpt": DIR, "stage1": DIR?} -> {"job"}: load another export (through the queue)
     GET  /api/heldout?index=I      a held-out map of the run's shards: {"map": base64 ids, "reference": PNG data URL}
-    POST /api/upload               body = a label PNG -> {"map": base64 ids} (validated: PNG, size, label space)
-    POST /api/sample               {"map": base64 of H*W uint8 ids, "settings": {...}} -> {"job", "ahead"}
+    POST /api/upload               body = a label PNG -> {"map": base64 ids, "height", "width"} (validated: PNG, size,
+                                   label space)
+    POST /api/sample               {"map": base64 of H*W uint8 ids, "height"?, "width"? (default: the model's size;
+                                   larger canvases up to Synthesizer.check_map's limit), "settings": {...}}
+                                   -> {"job", "ahead"}
     GET  /api/jobs/ID              the job's progress (and, when done, its result)
     GET  /api/jobs/ID/events       the same as server-sent events, one per change, until done or failed
     GET  /api/jobs/ID/files/NAME   the job's PNGs and settings.json (samples, painted and understood maps)
@@ -213,17 +216,28 @@ def create_app(state: AppState):
         synth = state.require_model()
         data = await request.body()
         name = request.headers.get("x-filename") or "the upload"
-        label = decode_png(data, synth.size, synth.palette, name=repr(name) if name != "the upload" else name)
-        return JSONResponse({"map": encode_grid(label), "classes": [int(c) for c in np.unique(label)]})
+        what = repr(name) if name != "the upload" else name
+        label = synth.check_map(decode_png(data, None, synth.palette, name=what), what)
+        return JSONResponse(
+            {
+                "map": encode_grid(label),
+                "height": label.shape[0],
+                "width": label.shape[1],
+                "classes": [int(c) for c in np.unique(label)],
+            }
+        )
 
     @_api
     async def sample(request):
         synth = state.require_model()
         body = await _json_body(request)
-        unknown = sorted(set(body) - {"map", "settings"})
+        unknown = sorted(set(body) - {"map", "height", "width", "settings"})
         if unknown:
-            raise AppError(f"unknown fields {unknown} in the request; expected map and settings")
-        label = decode_grid(body.get("map"), synth.size, synth.palette)
+            raise AppError(f"unknown fields {unknown} in the request; expected map, height, width and settings")
+        shape = [body.get(k, synth.size) for k in ("height", "width")]
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in shape):
+            raise AppError(f"height and width must be integers, got {shape}")
+        label = synth.check_map(decode_grid(body.get("map"), tuple(shape), synth.palette))
         settings = SampleSettings.from_request(body.get("settings", {}), synth.defaults)
         settings.check(synth.cfg.model.image_vocab)
         job = state.jobs.submit("sample", functools.partial(_sample_job, synth, label, settings))

@@ -5,6 +5,10 @@ The semantic tokens come from the map alone (`encode_semantic`: the image input 
 since a painted map has no reference image; the demo's stage-1 model loses 0.1 points of semantic mIoU that way
 (87.31% against 87.44% with the reference image). Sampling is svq_fast.eval.sampling.sample_images, the path of
 recipes/sample.py. "As understood" is the semantic decoder's reading of z_s: what the GPT was conditioned on.
+Canvases larger than the model's size (each side a multiple of the downsampling factor, from the model's size up
+to MAX_CANVAS_FACTOR times it: 128x128 for the 64-px demo model) are sampled by the sliding window
+(svq_fast/eval/sliding_window.py); a 128x128 sample costs about 4x the tokens of a 64x64 one
+(benchmarks/results/sampling_any_size_cpu/).
 Every problem the person can fix (a missing or wrong export, a bad setting) is an AppError with a sentence for them.
 """
 
@@ -29,6 +33,7 @@ from svq_fast.export import CONFIG, WEIGHTS, load_gpt, load_tokenizer, read_expo
 
 MAX_SAMPLES = 16
 MAX_HELDOUT = 64  # held-out maps read from the shards (the first ones in shard order)
+MAX_CANVAS_FACTOR = 2  # a canvas side is at most this many times the model's size (the page's stated limit)
 
 
 class AppError(Exception):
@@ -142,6 +147,7 @@ class Synthesizer:
         self.semantic_model = self.tokenizer.semantic_model or self.tokenizer.image_model
         m = self.semantic_model.cfg
         self.size, self.grid = self.cfg.data.image_size, self.cfg.model.grid
+        self.factor = self.size // self.grid  # pixels per latent
         self.palette: ClassPalette = palette_for(m.num_classes, m.ignore_index)
         s = self.cfg.sample
         self.defaults = SampleSettings(
@@ -161,12 +167,18 @@ class Synthesizer:
             "run": self.cfg.run.name,
             "size": self.size,
             "grid": self.grid,
+            # the page's canvas choices: the model's size, and larger / non-square ones up to the limit
+            "canvases": [[h, w] for h in self.canvas_sides() for w in self.canvas_sides()],
             "gpt_summary": f"{g.n_layer} layers x {g.n_embd}, image vocab {g.image_vocab}, semantic vocab "
             f"{g.semantic_vocab}, {self.grid}x{self.grid} tokens",
             "stage1_kind": s1.kind,
             "palette": self.palette.to_json(),
             "defaults": dataclasses.asdict(self.defaults),
-            "limits": {"num_samples": MAX_SAMPLES, "top_k": g.image_vocab},
+            "limits": {
+                "num_samples": MAX_SAMPLES,
+                "top_k": g.image_vocab,
+                "canvas_side": MAX_CANVAS_FACTOR * self.size,
+            },
             "shards": self.shards,
             "device": str(self.dev),
         }
@@ -211,11 +223,24 @@ class Synthesizer:
 
     # -- sampling -----------------------------------------------------------------------------------------
 
-    def check_map(self, label: np.ndarray) -> np.ndarray:
+    def canvas_sides(self) -> list[int]:
+        """The presets the page offers per side: the model's size and each further multiple up to the limit."""
+        return [k * self.size for k in range(1, MAX_CANVAS_FACTOR + 1)]
+
+    def check_map(self, label: np.ndarray, what: str = "the map") -> np.ndarray:
+        """-> label (H, W) uint8 if the ids are in the label space and the canvas is one this page samples: each side a
+        multiple of the downsampling factor, from the model's size to MAX_CANVAS_FACTOR times it."""
         label = np.asarray(label)
-        if label.shape != (self.size, self.size):
-            raise MapError(f"the map is {label.shape}, this model takes ({self.size}, {self.size})")
-        return check_ids(label, self.palette, "the map")
+        if label.ndim != 2:
+            raise MapError(f"{what} has shape {label.shape}; a map is (height, width)")
+        h, w = label.shape
+        lo, hi, f = self.size, MAX_CANVAS_FACTOR * self.size, self.factor
+        if not (lo <= h <= hi and lo <= w <= hi) or h % f or w % f:
+            raise MapError(
+                f"{what} is {h}x{w}; this model takes maps from {lo}x{lo} (its training size) up to {hi}x{hi} (the "
+                f"page's limit), each side a multiple of {f} (larger maps: recipes/sample.py --maps, no limit)"
+            )
+        return check_ids(label, self.palette, what)
 
     @torch.no_grad()
     def semantic_tokens(self, label: np.ndarray) -> torch.Tensor:
@@ -224,10 +249,11 @@ class Synthesizer:
         return self.semantic_model.encode_semantic(s).flatten(1)
 
     @torch.no_grad()
-    def understood(self, sem: torch.Tensor) -> np.ndarray:
-        """z_s token ids (1, P) -> (H, W) uint8: the semantic decoder's map of those tokens."""
+    def understood(self, sem: torch.Tensor, latent: tuple[int, int] | None = None) -> np.ndarray:
+        """z_s token ids (1, P) of a latent grid (h, w) (default the model's) -> (H, W) uint8: the semantic decoder's
+        map of those tokens."""
         m = self.semantic_model
-        z_s = m.quantizer_s.lookup(sem.view(1, self.grid, self.grid))
+        z_s = m.quantizer_s.lookup(sem.view(1, *(latent or (self.grid, self.grid))))
         return m.semantic_labels(m.decode_semantic(z_s))[0].to(torch.uint8).cpu().numpy()
 
     def sample(
@@ -243,7 +269,8 @@ class Synthesizer:
         t0 = time.perf_counter()
         report("encoding", 0, 1)
         sem = self.semantic_tokens(label)
-        understood = self.understood(sem)
+        latent = (label.shape[0] // self.factor, label.shape[1] // self.factor)
+        understood = self.understood(sem, latent)
         t1 = time.perf_counter()
         gen = torch.Generator(device=self.dev).manual_seed(settings.seed)
         tokens_done = [t1]
@@ -265,6 +292,7 @@ class Synthesizer:
             guidance_scale=settings.guidance_scale,
             generator=gen,
             progress=on_token,
+            latent_shape=latent,
         )  # (n, 3, H, W)
         t2 = time.perf_counter()
         samples = [a for a in (to_unit(images) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()]

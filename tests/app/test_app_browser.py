@@ -340,7 +340,7 @@ def test_paint_sample_and_bad_uploads(browser, exports, tmp_path):
         page.upload(tmp_path / "notes.png")
         page.wait(lambda: "not a PNG" in page.message(), "the non-PNG message")
         page.upload(_ids_png(np.zeros((16, 16)), tmp_path / "small.png"))
-        page.wait(lambda: "is 16x16; this model paints 32x32" in page.message(), "the wrong-size message")
+        page.wait(lambda: "is 16x16; this model takes maps from 32x32" in page.message(), "the wrong-size message")
         bad = np.full((n, n), 3, np.uint8)
         bad[0, 0] = 99
         page.upload(_ids_png(bad, tmp_path / "bad_ids.png"))
@@ -365,6 +365,48 @@ def test_paint_sample_and_bad_uploads(browser, exports, tmp_path):
         assert app.alive()
         job2 = page.sample(2)
         assert job2 != job
+    finally:
+        app.close()
+
+
+def test_a_larger_canvas(browser, exports):
+    """The canvas menu offers the larger / non-square sizes up to the limit; a 32x64 canvas keeps the painted cells
+    that fit, extends the edge, paints on its right half, samples 32x64 images, and undo takes the size back."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
+
+    from svq_fast.app.maps import read_png
+
+    app = App(exports["gpt"])
+    try:
+        page = Page(browser, app.url)
+        n = page.size
+        before = page.grid()
+        menu = Select(page.el("canvas-size"))
+        assert [o.get_attribute("value") for o in menu.options] == [f"{h}x{w}" for h in (n, 2 * n) for w in (n, 2 * n)]
+        menu.select_by_value(f"{n}x{2 * n}")
+        shape = lambda: tuple(browser.execute_script("return [window.svqApp.h, window.svqApp.w]"))  # noqa: E731
+        page.wait(lambda: shape() == (n, 2 * n), "the 32x64 canvas")
+        wide = np.asarray(browser.execute_script("return Array.from(window.svqApp.grid)"), np.uint8).reshape(n, 2 * n)
+        assert np.array_equal(wide[:, :n], before) and (wide[:, n:] == before[:, -1:]).all()
+        zoom = browser.execute_script("return window.svqApp.zoom")
+        assert page.canvas.size["width"] == 2 * n * zoom and page.canvas.size["height"] == n * zoom
+        page.pick(8)
+        page.brush(5)
+        x, y = 50, 10  # a dab on the new right half (selenium offsets are from the canvas's centre)
+        off = (int((x + 0.5) * zoom - n * zoom), int((y + 0.5) * zoom - n * zoom / 2))
+        ActionChains(browser, duration=50).move_to_element_with_offset(page.canvas, *off).click().perform()
+        painted = np.asarray(browser.execute_script("return Array.from(window.svqApp.grid)"), np.uint8)
+        painted = painted.reshape(n, 2 * n)
+        assert painted[y, x] == 8 and set(np.unique(painted[painted != wide])) <= {8}
+        page.setting("num_samples", 1)
+        job = page.sample(1)
+        assert np.array_equal(read_png(app.get(f"/api/jobs/{job}/files/painted_ids.png")), painted)
+        assert read_png(app.get(f"/api/jobs/{job}/files/sample_0.png")).shape == (n, 2 * n, 3)
+        page.el("undo").click()  # the dab
+        page.el("undo").click()  # the size
+        page.wait(lambda: shape() == (n, n), "undo of the canvas size")
+        assert np.array_equal(page.grid(), before)
     finally:
         app.close()
 

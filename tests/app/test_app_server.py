@@ -3,6 +3,7 @@ the library's sampling path gives for the same map and seed, progress streams, r
 outputs, and bad input of every kind gets a 400 with a message while the server keeps serving."""
 
 import base64
+import dataclasses
 import json
 import re
 import threading
@@ -22,6 +23,7 @@ from svq_fast.app.maps import encode_grid, png_bytes, read_png  # noqa: E402
 from svq_fast.app.server import AppState, bind, create_app  # noqa: E402
 from svq_fast.app.synth import SampleSettings, Synthesizer  # noqa: E402
 from svq_fast.eval.sampling import sample_images  # noqa: E402
+from svq_fast.eval.visualize import to_unit  # noqa: E402
 from svq_fast.export import export_model, read_export  # noqa: E402
 from svq_fast.models.svq import SVQModel  # noqa: E402
 
@@ -215,7 +217,7 @@ def test_bad_input_gets_a_message_not_a_crash(server):
     off_ids[5, 5] = 40
     cases = [
         ("/api/upload", dict(raw=b"GIF89a not a png"), "not a PNG"),
-        ("/api/upload", dict(raw=png_bytes(np.zeros((16, 16), np.uint8))), "is 16x16; this model paints 32x32"),
+        ("/api/upload", dict(raw=png_bytes(np.zeros((16, 16), np.uint8))), "is 16x16; this model takes maps from 32x32"),
         ("/api/upload", dict(raw=png_bytes(off_ids)), "outside this model's label space: 40"),
         ("/api/upload", dict(raw=_png_of(np.full((32, 32, 3), 7, np.uint8))), "not this model's class colours"),
         ("/api/sample", dict(raw=b"{not json"), "not JSON"),
@@ -318,3 +320,74 @@ def test_a_stage1_model_other_than_the_gpts_is_refused_unless_allowed(exports, t
         state.jobs.close()
     app = (Path(__file__).resolve().parents[2] / "recipes" / "app.py").read_text()
     assert "allow_stage1_mismatch=args.allow_stage1_mismatch" in app
+
+
+# -- larger canvases (issue 30): sliding-window sampling up to the page's stated limit ------------------------------
+
+
+def _wide_scene(h, w, seed):
+    rng = np.random.default_rng(seed)
+    lab = np.full((h, w), 2, np.uint8)
+    lab[: h // 3] = 0
+    for _ in range(3):
+        y, x = rng.integers(h // 3, h - 6), rng.integers(0, w - 8)
+        lab[y : y + 6, x : x + 8] = 8
+    return lab
+
+
+def test_info_states_the_canvases_and_their_limit(server):
+    m = server.request("/api/info")[1]["model"]
+    assert m["canvases"] == [[32, 32], [32, 64], [64, 32], [64, 64]] and m["limits"]["canvas_side"] == 64
+
+
+def test_a_larger_canvas_is_the_library_sliding_window(server, synth):
+    label = _wide_scene(32, 64, 1)
+    body = {"map": encode_grid(label), "height": 32, "width": 64, "settings": {"num_samples": 2, "seed": 3}}
+    status, job = server.request("/api/sample", body)
+    assert status == 200, job
+    events = server.events(job["job"])
+    final = events[-1]
+    assert final["state"] == "done", final
+    res = final["result"]
+    got = np.stack([read_png(server.request(u)[1]) for u in res["samples"]])
+    assert got.shape == (2, 32, 64, 3)
+    assert _ids(server, res["files"]["understood_ids.png"]).shape == (32, 64)
+    # the progress counts the 8x16 latent grid's tokens
+    assert {e["total"] for e in events if e.get("stage") == "sampling"} == {8 * 16}
+    sem = synth.semantic_tokens(label)
+    images = sample_images(
+        synth.gpt,
+        synth.tokenizer,
+        sem,
+        samples_per_map=2,
+        generator=torch.Generator().manual_seed(3),
+        latent_shape=(8, 16),
+        **{k: v for k, v in dataclasses.asdict(synth.defaults).items() if k not in ("num_samples", "seed")},
+    )
+    want = (to_unit(images) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "height, width, pixels, match",
+    [
+        (96, 32, 96 * 32, r"is 96x32; this model takes maps from 32x32 \(its training size\) up to 64x64"),
+        (34, 32, 34 * 32, "each side a multiple of 4"),
+        (16, 32, 16 * 32, "from 32x32"),
+        (32, 64, 32 * 32, "has 1024 pixels, this model takes 32x64 = 2048"),
+        ("32", 64, 32 * 64, "height and width must be integers"),
+    ],
+)
+def test_bad_canvases_are_refused_with_the_limit(server, height, width, pixels, match):
+    body = {"map": encode_grid(np.full(pixels, 2, np.uint8)), "height": height, "width": width, "settings": {}}
+    status, err = server.request("/api/sample", body)
+    assert status == 400 and re.search(match, err["error"]), err
+
+
+def test_an_upload_sets_the_canvas_to_its_size(server):
+    lab = _wide_scene(64, 32, 2)
+    status, body = server.request("/api/upload", raw=png_bytes(lab), headers={"X-Filename": "tall.png"})
+    assert status == 200 and (body["height"], body["width"]) == (64, 32), body
+    assert (np.frombuffer(base64.b64decode(body["map"]), np.uint8).reshape(64, 32) == lab).all()
+    status, err = server.request("/api/upload", raw=png_bytes(_wide_scene(128, 64, 0)), headers={"X-Filename": "x.png"})
+    assert status == 400 and "'x.png' is 128x64; this model takes maps from 32x32" in err["error"], err

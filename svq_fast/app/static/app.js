@@ -1,11 +1,12 @@
 "use strict";
-// The synthesis page. The map is `app.grid`: a Uint8Array of size*size class ids, row-major. Brush, fill, undo,
+// The synthesis page. The map is `app.grid`: a Uint8Array of h*w class ids, row-major (the canvas: the model's size,
+// or a larger / non-square one up to the server's limit, sampled by a sliding window). Brush, fill, undo,
 // uploads and held-out maps all write class ids into it; the canvas (one canvas pixel per map cell, scaled by CSS
 // without smoothing) only shows it, and "sample" sends these exact bytes. No colour is ever read back from the
 // canvas, so anti-aliasing cannot invent classes.
 
 const app = {
-  model: null, size: 0, zoom: 1, grid: null, lut: null, current: 0, undo: [], stroke: null,
+  model: null, size: 0, h: 0, w: 0, zoom: 1, grid: null, lut: null, current: 0, undo: [], stroke: null,
   busy: false, heldoutIndex: -1, lastJob: null, lastResult: null, firstSampleMs: null,
 };
 window.svqApp = app; // for tests and the console
@@ -53,11 +54,11 @@ function encodeIds(bytes) {
   return btoa(s);
 }
 
-function decodeIds(b64) {
+function decodeIds(b64, h, w) {
   const s = atob(b64);
   const out = new Uint8Array(s.length);
   for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
-  if (out.length !== app.size * app.size) throw new Error(`got a map of ${out.length} pixels, expected ${app.size}x${app.size}`);
+  if (out.length !== h * w) throw new Error(`got a map of ${out.length} pixels, expected ${h}x${w}`);
   return out;
 }
 
@@ -78,11 +79,16 @@ function setModel(m) {
     $("model-summary").textContent = "no model loaded";
     return;
   }
-  $("model-summary").textContent = `${m.run}: ${m.gpt_summary}; ${m.size}x${m.size} maps, ${m.palette.names.length} ${m.palette.space} classes, ${m.device}`;
+  $("model-summary").textContent = `${m.run}: ${m.gpt_summary}; ${m.size}x${m.size} maps (canvases up to ${m.limits.canvas_side}x${m.limits.canvas_side}), ${m.palette.names.length} ${m.palette.space} classes, ${m.device}`;
   app.size = m.size;
-  app.zoom = Math.max(1, Math.floor(512 / m.size));
-  canvas.width = canvas.height = m.size;
-  canvas.style.width = canvas.style.height = `${m.size * app.zoom}px`;
+  const select = $("canvas-size");
+  select.innerHTML = "";
+  for (const [h, w] of m.canvases) {
+    const opt = document.createElement("option");
+    opt.value = `${h}x${w}`;
+    opt.textContent = h === m.size && w === m.size ? `${h}x${w} (training size)` : `${h}x${w} (sliding window)`;
+    select.appendChild(opt);
+  }
   // class id -> RGBA; ids outside the space white, ignore black (as the server's colorize)
   app.lut = new Uint8ClampedArray(256 * 4).fill(255);
   m.palette.colours.forEach((c, i) => app.lut.set([c[0], c[1], c[2], 255], i * 4));
@@ -92,6 +98,8 @@ function setModel(m) {
   $("num_samples").max = m.limits.num_samples;
   $("top_k").max = m.limits.top_k;
   app.grid = new Uint8Array(m.size * m.size);
+  app.h = app.w = m.size;
+  resizeCanvas();
   app.undo = [];
   app.heldoutIndex = -1;
   $("reference-figure").hidden = true;
@@ -130,17 +138,42 @@ function selectClass(id) {
 
 // ---- painting on the class-id grid ----------------------------------------------------------------------
 
+// The canvas element follows app.h x app.w (one pixel per map cell), zoomed to about 512 px on its longer side.
+function resizeCanvas() {
+  app.zoom = Math.max(1, Math.floor(512 / Math.max(app.h, app.w)));
+  canvas.width = app.w;
+  canvas.height = app.h;
+  canvas.style.width = `${app.w * app.zoom}px`;
+  canvas.style.height = `${app.h * app.zoom}px`;
+  $("canvas-size").value = `${app.h}x${app.w}`;
+}
+
+// Another canvas size: the painted cells that fit are kept, new cells repeat the nearest edge cell (a horizon
+// stays a horizon). Undoable.
+function setCanvasSize(h, w) {
+  if (h === app.h && w === app.w) return;
+  pushUndo();
+  const old = app.grid, oh = app.h, ow = app.w;
+  app.grid = new Uint8Array(h * w);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) app.grid[y * w + x] = old[Math.min(y, oh - 1) * ow + Math.min(x, ow - 1)];
+  }
+  app.h = h;
+  app.w = w;
+  resizeCanvas();
+  draw();
+}
+
 function draw() {
-  const n = app.size;
-  const img = ctx.createImageData(n, n);
-  for (let i = 0; i < n * n; i++) img.data.set(app.lut.subarray(app.grid[i] * 4, app.grid[i] * 4 + 4), i * 4);
+  const img = ctx.createImageData(app.w, app.h);
+  for (let i = 0; i < app.h * app.w; i++) img.data.set(app.lut.subarray(app.grid[i] * 4, app.grid[i] * 4 + 4), i * 4);
   ctx.putImageData(img, 0, 0);
   $("download-painted").href = canvas.toDataURL("image/png");
 }
 
 function cellAt(ev) {
   const r = canvas.getBoundingClientRect();
-  return [Math.floor(((ev.clientX - r.left) * app.size) / r.width), Math.floor(((ev.clientY - r.top) * app.size) / r.height)];
+  return [Math.floor(((ev.clientX - r.left) * app.w) / r.width), Math.floor(((ev.clientY - r.top) * app.h) / r.height)];
 }
 
 function brushSize() {
@@ -150,11 +183,11 @@ function brushSize() {
 // A round brush of odd size d = 2r + 1: cells (dx, dy) with dx^2 + dy^2 <= r (r + 1) around the centre cell.
 function stamp(cx, cy) {
   const r = (brushSize() - 1) >> 1;
-  const n = app.size;
+  const w = app.w;
   for (let dy = -r; dy <= r; dy++) {
     for (let dx = -r; dx <= r; dx++) {
       const x = cx + dx, y = cy + dy;
-      if (dx * dx + dy * dy <= r * (r + 1) && x >= 0 && y >= 0 && x < n && y < n) app.grid[y * n + x] = app.current;
+      if (dx * dx + dy * dy <= r * (r + 1) && inside(x, y)) app.grid[y * w + x] = app.current;
     }
   }
 }
@@ -175,14 +208,14 @@ function strokeLine(x0, y0, x1, y1) {
 
 // 4-connected flood fill of the clicked cell's class region with the current class; false when nothing changes.
 function flood(x, y) {
-  const n = app.size, g = app.grid, target = g[y * n + x], value = app.current;
+  const n = app.w, g = app.grid, target = g[y * n + x], value = app.current;
   if (target === value) return false;
   const stack = [y * n + x];
   g[y * n + x] = value;
   while (stack.length) {
     const i = stack.pop(), cx = i % n, cy = (i - cx) / n;
     for (const [nx, ny] of [[cx - 1, cy], [cx + 1, cy], [cx, cy - 1], [cx, cy + 1]]) {
-      if (nx >= 0 && ny >= 0 && nx < n && ny < n && g[ny * n + nx] === target) {
+      if (inside(nx, ny) && g[ny * n + nx] === target) {
         g[ny * n + nx] = value;
         stack.push(ny * n + nx);
       }
@@ -191,20 +224,37 @@ function flood(x, y) {
   return true;
 }
 
-function pushUndo() {
-  app.undo.push(app.grid.slice());
+// Undo entries carry their canvas size, so that undo also takes back a change of size.
+function snapshot() {
+  return { grid: app.grid.slice(), h: app.h, w: app.w };
+}
+
+function pushUndo(entry = snapshot()) {
+  app.undo.push(entry);
   if (app.undo.length > UNDO_DEPTH) app.undo.shift();
 }
 
 function undo() {
   if (!app.undo.length) return;
-  app.grid = app.undo.pop();
+  const e = app.undo.pop();
+  app.grid = e.grid;
+  if (e.h !== app.h || e.w !== app.w) {
+    app.h = e.h;
+    app.w = e.w;
+    resizeCanvas();
+  }
   draw();
 }
 
-function setGrid(ids) {
+// A whole new map (held-out, uploaded) of h x w ids.
+function setGrid(ids, h = app.h, w = app.w) {
   pushUndo();
   app.grid = ids;
+  if (h !== app.h || w !== app.w) {
+    app.h = h;
+    app.w = w;
+    resizeCanvas();
+  }
   draw();
 }
 
@@ -213,7 +263,7 @@ function tool() {
 }
 
 function inside(x, y) {
-  return x >= 0 && y >= 0 && x < app.size && y < app.size;
+  return x >= 0 && y >= 0 && x < app.w && y < app.h;
 }
 
 canvas.addEventListener("pointerdown", (ev) => {
@@ -222,10 +272,9 @@ canvas.addEventListener("pointerdown", (ev) => {
   const [x, y] = cellAt(ev);
   if (!inside(x, y)) return;
   if (tool() === "fill") {
-    const before = app.grid.slice();
+    const before = snapshot();
     if (flood(x, y)) {
-      app.undo.push(before);
-      if (app.undo.length > UNDO_DEPTH) app.undo.shift();
+      pushUndo(before);
       draw();
     }
     return;
@@ -241,7 +290,7 @@ canvas.addEventListener("pointermove", (ev) => {
   if (!app.model) return;
   const [x, y] = cellAt(ev);
   if (inside(x, y)) {
-    const id = app.grid[y * app.size + x];
+    const id = app.grid[y * app.w + x];
     $("hover").textContent = `(${x}, ${y}): ${id} ${className(id)}`;
   }
   if (!app.stroke) return;
@@ -256,6 +305,10 @@ for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) canvas.
 canvas.addEventListener("pointerleave", () => ($("hover").innerHTML = "&nbsp;"));
 
 $("brush-size").addEventListener("input", () => ($("brush-size-value").textContent = $("brush-size").value));
+$("canvas-size").addEventListener("change", () => {
+  const [h, w] = $("canvas-size").value.split("x").map(Number);
+  setCanvasSize(h, w);
+});
 $("undo").addEventListener("click", undo);
 $("clear").addEventListener("click", () => {
   pushUndo();
@@ -278,7 +331,7 @@ $("class-filter").addEventListener("input", () => {
 async function loadHeldout(index, quiet = false) {
   try {
     const j = await api(`/api/heldout?index=${index}`);
-    setGrid(decodeIds(j.map));
+    setGrid(decodeIds(j.map, app.size, app.size), app.size, app.size); // held-out maps are at the model's size
     app.heldoutIndex = j.index;
     $("heldout-info").textContent = `held-out map ${j.index + 1} of ${j.count}: ${j.key}`;
     $("reference").src = j.reference;
@@ -302,7 +355,7 @@ $("upload").addEventListener("change", async () => {
   try {
     const name = file.name.replace(/[^\x20-\x7e]/g, "_");
     const j = await api("/api/upload", { method: "POST", body: file, headers: { "Content-Type": "application/octet-stream", "X-Filename": name } });
-    setGrid(decodeIds(j.map));
+    setGrid(decodeIds(j.map, j.height, j.width), j.height, j.width);
     $("reference-figure").hidden = true;
     $("heldout-info").textContent = `uploaded ${name}: classes ${j.classes.map(className).join(", ")}`;
   } catch (e) {
@@ -396,7 +449,7 @@ async function sample() {
     const j = await api("/api/sample", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ map: encodeIds(app.grid), settings }),
+      body: JSON.stringify({ map: encodeIds(app.grid), height: app.h, width: app.w, settings }),
     });
     app.lastJob = j.job;
     watch(j.job, (s) => showResult(j.job, s.result, t0));
@@ -408,7 +461,7 @@ async function sample() {
 
 function showResult(job, res, t0) {
   app.lastResult = res;
-  const shown = Math.max(1, Math.floor(192 / app.size)) * app.size;
+  const shown = Math.max(1, Math.floor(192 / app.size)) * app.w; // same scale for every canvas size
   $("understood").src = res.understood;
   $("understood").width = shown;
   $("understood-figure").hidden = false;
