@@ -8,6 +8,8 @@
 - precision_note: the matmul precision settings that decide whether fp32 GEMMs use TF32 tensor cores.
 - bench_config: the config a training benchmark runs at its size (tiny, mid, paper), one owner for bench_train.py
   and its plain-torch baseline bench_train_eager.py.
+- mfu_fields: the MFU columns both training benchmarks report, against the named datasheet peak
+  (svq_fast.train.perf) and against a GEMM measured here in the run's precision.
 """
 
 from __future__ import annotations
@@ -129,3 +131,23 @@ def bench_config(recipe: str, *, paper: bool = False, mid: bool = False):
         cfg = apply_overrides(cfg, MID_OVERRIDES[recipe])
         cfg.run.name = f"{base}_mid"
     return cfg
+
+
+def gemm_peak_tflops(device: str, precision: str = "bf16", n: int = 8192) -> float:
+    """Measured GEMM throughput in the run's precision (bf16; fp32 with this process's TF32 setting), TFLOP/s."""
+    dt = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = n if device == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    ms, _ = time_ms(lambda: a @ b, device, budget_s=0.5)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def mfu_fields(flops_per_sample: float, samples_per_s: float, device: str, precision: str, gemm_tflops: float) -> dict:
+    """{mfu, mfu_peak (what the peak is), mfu_measured_peak, gemm_peak_tflops}: model FLOPs per second over the
+    datasheet peak of this GPU in the run's precision (TF32 for fp32 with TF32 on), and over the measured GEMM."""
+    from svq_fast.train.perf import device_peak
+
+    peak, label = device_peak(torch.device(device), precision)
+    rate = flops_per_sample * samples_per_s
+    return {"mfu": rate / peak, "mfu_peak": label, "mfu_measured_peak": rate / (gemm_tflops * 1e12),
+            "gemm_peak_tflops": gemm_tflops}  # fmt: skip

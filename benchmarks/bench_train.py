@@ -2,14 +2,18 @@
 TensorBoard logging (logging every step on vs. off). The baseline that matters, the same architecture in plain
 eager torch without fused ops or DeepSpeed, is benchmarks/bench_train_eager.py (run it in the same session;
 gpu_suite.sh does). `--variants ref` swaps only the quantizer / attention backend (under 1% of a stage-1 step).
-Stage 1 reports images/s, stage 2 tokens/s; mfu_measured_peak divides by the bf16 GEMM peak measured here.
+Stage 1 reports images/s, stage 2 tokens/s; mfu divides by the datasheet peak its row names (mfu_peak,
+svq_fast.train.perf), mfu_measured_peak by a GEMM in the run's precision measured here (bench_common.mfu_fields).
 
     python benchmarks/bench_train.py                      # CPU: tiny configs, 1 rank
     python benchmarks/bench_train.py --device cuda --paper --seconds 60 --precision bf16   # GPU suite
 
-Each measurement is one in-process training run (single rank, DeepSpeed engine) on the built-in synthetic data;
-the first `--warmup` steps are excluded. With --repeats N the variants run interleaved N times and the summary takes
-medians. TensorBoard's cost is shown two ways: throughput with logging on vs off, and the share of step time the
+Each measurement is one in-process training run (single rank, DeepSpeed engine) on the built-in synthetic data, at
+the config's own log cadence (log.every, 10; --log-every to change it): the timed window runs from the first log step
+at or past `--warmup` to the last log step the run reaches (the device synchronised there, once per log window, as the
+loop's own logging does), so compiles stay outside it and no step is synchronised more than in a real run. A run ends
+at --steps or --seconds, whichever comes first; stage 2 trains on the export of the stage-1 'fused' row (its run must
+have exported). With --repeats N the variants run interleaved N times and the summary takes medians. TensorBoard's cost is shown two ways: throughput with logging on vs off, and the share of step time the
 run itself measured inside the writer calls (time/tensorboard_fraction). --out gets JSON {runs, summary}.
 
 The step's speed table (issue 20), every row a fresh process (so peak RSS, compile time and the random stream are each
@@ -41,7 +45,7 @@ import tempfile
 import time
 
 import torch
-from bench_common import bench_config  # benchmarks/bench_common.py
+from bench_common import bench_config, gemm_peak_tflops, mfu_fields  # benchmarks/bench_common.py
 
 from svq_fast.config import apply_overrides
 from svq_fast.dist import deepspeed_command
@@ -77,17 +81,43 @@ def _variant_overrides(recipe: str, variant: str) -> list[str]:
     return options
 
 
-def _compile_seconds(hist: list[dict], micro_batch: int, world: int, warmup: int) -> float:
-    """Time of the first `warmup` steps beyond `warmup` steady steps (median of the rest): what compiling cost."""
-    t = [micro_batch * world / h["throughput/samples_per_s"] for h in hist]
-    if len(t) <= warmup:
+class _Clock:
+    """An after_step callback of the training loop: at every log step (the loop's own cadence, where it reads its
+    scalars anyway) it synchronises the device and records (step, time). The timed window runs from the first such
+    step at or past the warm-up to the last one, so compiles and cold caches stay outside it and no step is timed
+    with more synchronisation than a run at that cadence has."""
+
+    def __init__(self, log_every: int, warmup: int, device: str):
+        self.log_every, self.warmup, self.device = log_every, warmup, device
+        self.marks: list[tuple[int, float]] = []  # (step, perf_counter) at log steps >= warmup
+
+    def __call__(self, step: int) -> None:
+        if step % self.log_every == 0 and step >= self.warmup:
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            self.marks.append((step, time.perf_counter()))
+
+    def steady(self) -> tuple[int, float]:
+        """-> (timed steps, seconds) between the first and the last mark."""
+        if len(self.marks) < 2:
+            return 0, 0.0
+        (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
+        return s1 - s0, t1 - t0
+
+
+def _compile_seconds(hist: list[dict], samples_per_step: int, steady_step_s: float) -> float:
+    """Time of the first logging window beyond the same steps at the steady step time: what compiling cost."""
+    if not hist or not steady_step_s:
         return float("nan")
-    return max(0.0, sum(t[:warmup]) - warmup * statistics.median(t[warmup:]))
+    first = hist[0]
+    window_s = first["step"] * samples_per_step / first["throughput/samples_per_s"]
+    return max(0.0, window_s - first["step"] * steady_step_s)
 
 
 def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | None) -> dict:
     cfg = bench_config(recipe, paper=args.paper, mid=args.mid)
     name = cfg.run.name
+    log_every = args.log_every or cfg.log.every  # the config's own cadence unless asked otherwise
     out_dir = os.path.join(workdir, f"{recipe}-{variant}")
     overrides = [
         f"--data.synthetic_default={os.path.join(workdir, 'data')}",
@@ -95,7 +125,7 @@ def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | 
         f"--run.out_dir={out_dir}",
         f"--optim.max_steps={args.steps}",
         f"--run.max_seconds={args.seconds}",
-        "--log.every=1",
+        f"--log.every={log_every}",
         "--log.progress=false",
         f"--zero.precision={args.precision}",
         f"--optim.micro_batch={args.micro_batch}",
@@ -111,17 +141,24 @@ def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | 
     if "--run.compile=true" in extra:
         extra.append(f"--run.compile_backend={getattr(args, 'compile_backend', 'inductor')}")
     cfg = apply_overrides(cfg, overrides + extra)
+    clock = _Clock(log_every, args.warmup, args.device)
     t0 = time.perf_counter()
-    result = (train_stage1 if recipe == "stage1" else train_stage2)(cfg)
+    result = (train_stage1 if recipe == "stage1" else train_stage2)(cfg, after_step=[clock])
     wall = time.perf_counter() - t0
     from svq_fast import dist
 
     world = dist.world_size()
-    compile_s = _compile_seconds(result["history"], args.micro_batch, world, args.warmup) if cfg.run.compile else 0.0
-    hist = result["history"][args.warmup :]
-    if not hist:
-        raise RuntimeError(f"{recipe}/{variant}: fewer than {args.warmup + 1} steps ran in {args.seconds}s")
-    sps = sum(h["throughput/samples_per_s"] for h in hist) / len(hist)
+    steps, seconds = clock.steady()
+    if not steps:
+        raise RuntimeError(
+            f"{recipe}/{variant}: the run stopped at step {result['step']} ({result['stop_reason']}), before two log "
+            f"steps (every {log_every}) at or past the warm-up ({args.warmup}): raise --steps / --seconds or lower "
+            "--log-every"
+        )
+    samples_per_step = args.micro_batch * cfg.optim.grad_accum * world
+    sps = steps * samples_per_step / seconds
+    compile_s = _compile_seconds(result["history"], samples_per_step, seconds / steps) if cfg.run.compile else 0.0
+    hist = result["history"]
     if recipe == "stage1":
         rate = {"images_per_s": sps, "flops_per_sample": stage1_flops_per_sample(cfg, torch.device(args.device))}
     else:
@@ -129,8 +166,10 @@ def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | 
             "tokens_per_s": sps * 2 * cfg.model.grid**2,
             "flops_per_sample": gpt_flops_per_sample(cfg, torch.device(args.device)),
         }
+    gemm = gemm_peak_tflops(args.device, cfg.zero.precision)
     return {
         **rate,
+        **mfu_fields(rate["flops_per_sample"], sps, args.device, cfg.zero.precision, gemm),
         "recipe": recipe,
         "config": name,
         "variant": variant,
@@ -140,15 +179,18 @@ def measure(recipe: str, variant: str, args, workdir: str, stage1_export: str | 
         "channels_last": getattr(cfg.model, "channels_last", False),
         "ranks": world,
         "compile_s": compile_s,
-        "steps": len(hist),
+        "log_every": log_every,
+        "steps": steps,  # timed steps (between the first log step past the warm-up and the last log step)
+        "stop_step": result["step"],
+        "stop_reason": result["stop_reason"],
         "samples_per_s": sps,
-        "steps_per_s": sps / args.micro_batch,
-        "mfu": sum(h.get("throughput/mfu", float("nan")) for h in hist) / len(hist),
+        "steps_per_s": steps / seconds,
         "peak_mem_mib": max(h["memory/peak_mib"] for h in hist),
         # measured inside the run: share of step time spent writing TensorBoard events (0 when it is off)
         "tensorboard_fraction": sum(h.get("time/tensorboard_fraction", 0.0) for h in hist) / len(hist),
         "wall_s": wall,
         "export": os.path.join(out_dir, "export"),
+        "exported": os.path.isfile(os.path.join(out_dir, "export", "model.safetensors")),
     }
 
 
@@ -183,8 +225,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--paper", action="store_true", help="paper-size configs (GPU)")
     p.add_argument("--mid", action="store_true", help="tiny configs at 2x width (bench_common.MID_OVERRIDES)")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=21, help="max steps per run (the timed window ends at a log step)")
+    p.add_argument("--warmup", type=int, default=3, help="the timed window starts at the first log step past this")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="the runs' log cadence (default: the config's log.every, 10 for every named config)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=0.0, help="per-run time limit (0 = none)")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -220,8 +264,11 @@ def main(argv=None) -> int:
         if not os.path.isfile(os.path.join(args.stage1_export, "model.safetensors")):
             p.error(f"--stage1-export {args.stage1_export}: no model.safetensors there")
     if args.smoke:
-        args.paper, args.mid, args.steps, args.warmup, args.seconds, args.micro_batch = False, False, 3, 1, 0.0, 2
-        args.samples, args.precision = 16, "fp32"
+        args.paper, args.mid, args.micro_batch, args.samples, args.precision = False, False, 2, 16, "fp32"
+        args.warmup, args.log_every = 1, 2
+        # the GPU suite's control path: a time stop (not a step count) ends each run, stage 1's export of that run is
+        # stage 2's tokenizer; the table's children stop on a step count
+        args.steps, args.seconds = (5, 0.0) if args.table else (100_000, args.seconds or 6.0)
         args.variants = "eager_fp32,compiled_fp32,plain_fp32" if args.table else "fused"
         args.compile_backend = "aot_eager"
     if args.one:
@@ -231,9 +278,7 @@ def main(argv=None) -> int:
             args.variants = TABLE_VARIANTS
         return table(args)
     from bench_common import JsonlWriter
-    from bench_train_eager import gemm_peak_tflops
 
-    peak = gemm_peak_tflops(args.device)  # the MFU denominator, measured here (bf16 GEMM on CUDA)
     jsonl = JsonlWriter(args.jsonl, "train")
     if args.device == "cpu":
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -247,15 +292,14 @@ def main(argv=None) -> int:
                 for variant in args.variants.split(","):
                     row = measure(recipe, variant, args, work, stage1_export)
                     row["repeat"] = repeat
-                    row["gemm_peak_tflops"] = peak
-                    row["mfu_measured_peak"] = row["flops_per_sample"] * row["samples_per_s"] / (peak * 1e12)
                     rows.append(row)
                     jsonl.write({k: v for k, v in row.items() if k != "export"})
                     if recipe == "stage1" and variant == "fused" and stage1_export is None:
-                        stage1_export = row["export"]
+                        stage1_export = _tokenizer_export(row)
                     print(
-                        f"{recipe:7s} {variant:15s} #{repeat} {row['samples_per_s']:9.2f} samples/s  "
-                        f"mfu {row['mfu']:.3f}  peak {row['peak_mem_mib']:.0f} MiB",
+                        f"{recipe:7s} {variant:15s} #{repeat} {row['samples_per_s']:9.2f} samples/s over "
+                        f"{row['steps']} steps, stopped at {row['stop_step']} ({row['stop_reason']})  "
+                        f"mfu {row['mfu']:.3f} ({row['mfu_peak']})  peak {row['peak_mem_mib']:.0f} MiB",
                         flush=True,
                     )
             if recipe == "stage1" and stage1_export is None and "stage2" in args.recipes:
@@ -287,6 +331,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _tokenizer_export(row: dict) -> str:
+    """The stage-1 row's export, which stage 2 trains on; an error naming the stop when the run made none."""
+    if not row["exported"]:
+        raise SystemExit(
+            f"stage1/{row['variant']} stopped at step {row['stop_step']} ({row['stop_reason']}) without writing "
+            f"{row['export']}: stage 2 has no tokenizer (a run stopped by run.max_seconds must export as one stopped "
+            "by optim.max_steps does)"
+        )
+    return row["export"]
+
+
 # ---------------------------------------------------------------------------------------------------- the table
 
 
@@ -313,7 +368,7 @@ def _peak_rss_mib() -> float:
 
 def _common_args(args) -> list[str]:
     out = [f"--device={args.device}", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--seconds={args.seconds}",
-           f"--micro-batch={args.micro_batch}", f"--samples={args.samples}",
+           f"--micro-batch={args.micro_batch}", f"--samples={args.samples}", f"--log-every={args.log_every}",
            f"--compile-backend={args.compile_backend}"]  # fmt: skip
     return out + _size_args(args)
 
@@ -377,7 +432,7 @@ def table(args) -> int:
                     rows.append(row)
                     jsonl.write({k: v for k, v in row.items() if k != "export"})
                     if recipe == "stage1" and stage1_export is None and not variant.startswith("plain"):
-                        stage1_export = row["export"]
+                        stage1_export = _tokenizer_export(row)
                     print(f"{recipe:7s} {variant:22s} #{repeat} {row['samples_per_s']:8.2f} samples/s  "
                           f"compile {row.get('compile_s', 0.0):6.1f} s  "
                           f"peak RSS {row.get('peak_rss_mib', 0):6.0f} MiB  "

@@ -5,11 +5,14 @@ cross-entropy), no DeepSpeed, torch.optim.AdamW, bf16 autocast, random inputs al
     python benchmarks/bench_train_eager.py --device cuda --paper --seconds 20 --jsonl rows.jsonl
     python benchmarks/bench_train_eager.py --smoke               # tiny configs, CPU, a few steps (CI)
 
-Stage 1 step: generator fwd + bwd on (L1 + texture + adversarial + vq) image loss and (CE + vq) semantic loss, the
-discriminator on real + fake (hinge) and its step; no LPIPS (the GPU image has no VGG weights). Stage 2 step:
+Stage 1 step: generator fwd + bwd on (L1 + texture + disc_weight x adaptive weight x adversarial + vq) image loss and
+(CE + vq) semantic loss, the adaptive weight as taming computes it (two autograd.grad passes to the image decoder's last
+weight; the stack runs its own equivalent passes, so the ratio compares like with like), the discriminator on real +
+fake (hinge) and its step; no LPIPS (the GPU image has no VGG weights). Stage 2 step:
 SemanticGPT (attn_backend="sdpa", chunked_ce=False) fwd + bwd + step on random token sequences.
 Rows: images_per_s (stage 1) / tokens_per_s (stage 2), and MFU = FLOPs per sample (svq_fast.train's counters,
-the ones the stack reports) x samples/s / the bf16 GEMM peak measured on this machine in the same process.
+the ones the stack reports) x samples/s over the datasheet peak named in mfu_peak (svq_fast.train.perf) and, as
+mfu_measured_peak, over a GEMM in the run's precision measured in the same process (bench_common.mfu_fields).
 """
 
 from __future__ import annotations
@@ -23,9 +26,16 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_common import JsonlWriter, bench_config, precision_note, sync, time_ms  # benchmarks/bench_common.py
+from bench_common import (  # benchmarks/bench_common.py
+    JsonlWriter,
+    bench_config,
+    gemm_peak_tflops,
+    mfu_fields,
+    precision_note,
+    sync,
+)
 
-from svq_fast.losses.gan import hinge_d_loss
+from svq_fast.losses.gan import generator_adv_loss, hinge_d_loss
 from svq_fast.losses.reconstruction import texture_loss
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
@@ -39,15 +49,6 @@ def _peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def gemm_peak_tflops(device: str, n: int = 8192) -> float:
-    """Measured bf16 (CUDA) / fp32 (CPU) GEMM throughput: the MFU denominator."""
-    dt = torch.bfloat16 if device == "cuda" else torch.float32
-    n = n if device == "cuda" else 512
-    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-    ms, _ = time_ms(lambda: a @ b, device, budget_s=0.5)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def _eager_svq(cfg):
@@ -90,14 +91,22 @@ def stage1(args, peak: float) -> dict:
             loss = torch.zeros((), device=dev)
             if gen.has_image:
                 x_hat = out["x_hat"]
-                loss = loss + (x_hat.float() - x).abs().mean() + out["vq_loss_x"]
+                loss = loss + (x_hat.float() - x).abs().mean()
                 if cfg.loss.texture_weight:
                     loss = loss + cfg.loss.texture_weight * texture_loss(x_hat, x, cfg.loss.texture_window)
                 for p in disc.parameters():
                     p.requires_grad_(False)
-                loss = loss - 0.1 * disc(x_hat).float().mean()  # generator hinge term
+                g_loss = generator_adv_loss(disc(x_hat), cfg.loss.gan_loss)
                 for p in disc.parameters():
                     p.requires_grad_(True)
+                d_weight = 1.0
+                if cfg.loss.adaptive_weight:  # taming's way: two partial backward passes to the last layer's weight
+                    nll = loss  # L1 (+ texture): what the stack's adaptive weight balances against the GAN term
+                    w = gen.image_last_layer().weight
+                    g_nll = torch.autograd.grad(nll, w, retain_graph=True)[0]
+                    g_adv = torch.autograd.grad(g_loss, w, retain_graph=True)[0]
+                    d_weight = (g_nll.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, cfg.loss.adaptive_weight_max).detach()
+                loss = loss + cfg.loss.disc_weight * d_weight * g_loss + out["vq_loss_x"]
             if gen.has_semantic:
                 loss = loss + F.cross_entropy(out["s_logits"].float(), s, ignore_index=255) + out["vq_loss_s"]
         opt_g.zero_grad(set_to_none=True)
@@ -115,7 +124,7 @@ def stage1(args, peak: float) -> dict:
     flops = stage1_flops_per_sample(cfg, torch.device(dev))
     ips = n * b / sec
     return dict(recipe="stage1", config=cfg.run.name, variant="eager", images_per_s=ips, samples_per_s=ips,
-                mfu=flops * ips / (peak * 1e12), steps=n, micro_batch=b)  # fmt: skip
+                **mfu_fields(flops, ips, dev, args.precision, peak), steps=n, micro_batch=b)  # fmt: skip
 
 
 def stage2(args, peak: float) -> dict:
@@ -141,7 +150,8 @@ def stage2(args, peak: float) -> dict:
     flops = gpt_flops_per_sample(cfg, torch.device(dev))
     sps = n * b / sec
     return dict(recipe="stage2", config=cfg.run.name, variant="eager", samples_per_s=sps,
-                tokens_per_s=sps * 2 * n_tok, mfu=flops * sps / (peak * 1e12), steps=n, micro_batch=b)  # fmt: skip
+                tokens_per_s=sps * 2 * n_tok, **mfu_fields(flops, sps, dev, args.precision, peak), steps=n,
+                micro_batch=b)  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -162,18 +172,19 @@ def main(argv=None) -> int:
     if args.smoke:
         args.paper, args.mid, args.micro_batch, args.steps, args.warmup, args.seconds = False, False, 2, 2, 1, 0.0
         args.precision = "fp32"
-    peak = gemm_peak_tflops(args.device)
-    print(f"bench_train_eager on {args.device}: GEMM peak {peak:.1f} TFLOP/s, {precision_note()}", flush=True)
+    peak = gemm_peak_tflops(args.device, args.precision)
+    print(f"bench_train_eager on {args.device}: {args.precision} GEMM {peak:.1f} TFLOP/s, {precision_note()}", flush=True)
     out = JsonlWriter(args.jsonl, "train")
     for recipe in args.recipes.split(","):
         row = {"stage1": stage1, "stage2": stage2}[recipe](args, peak)
-        row.update(device=args.device, precision=args.precision, gemm_peak_tflops=peak, peak_rss_mib=_peak_rss_mib())
+        row.update(device=args.device, precision=args.precision, peak_rss_mib=_peak_rss_mib())
         out.write(row)
         if args.row_out:
             with open(args.row_out, "w") as f:
                 json.dump(row, f)
         rate = f"{row['images_per_s']:.2f} images/s" if recipe == "stage1" else f"{row['tokens_per_s']:.0f} tokens/s"
-        print(f"{recipe} eager: {rate}, MFU {row['mfu']:.3f} ({row['steps']} steps)", flush=True)
+        print(f"{recipe} eager: {rate}, MFU {row['mfu']:.3f} of {row['mfu_peak']}, {row['mfu_measured_peak']:.3f} of "
+              f"the measured GEMM ({row['steps']} steps)", flush=True)  # fmt: skip
     return 0
 
 

@@ -82,3 +82,30 @@ def test_stage2_alone_needs_a_stage1_export_and_says_so(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             bench_train.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eager_baseline_runs_the_adaptive_weight_passes_and_names_its_peak(monkeypatch, tmp_path):
+    # issue 28 item 7: the plain-torch baseline skipped the adaptive GAN weight's two extra autograd passes that the
+    # stack runs every step, so "stack vs eager" compared unlike steps
+    import json
+
+    import bench_train_eager
+    import torch
+
+    from svq_fast.named_configs import get_config
+
+    assert get_config("svqgan_tiny").loss.adaptive_weight and get_config("svqgan_f16_256").loss.adaptive_weight
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(outputs, inputs, *a, **kw):
+        calls.append(inputs)
+        return real_grad(outputs, inputs, *a, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    row = tmp_path / "row.json"
+    argv = ["--recipes=stage1", "--steps=2", "--warmup=1", "--micro-batch=1", "--precision=fp32", "--seconds=0"]
+    assert bench_train_eager.main([*argv, f"--row-out={row}"]) == 0
+    assert len(calls) == 2 * 3  # two passes per step, warm-up included
+    out = json.loads(row.read_text())
+    assert out["mfu_peak"].startswith("CPU, measured fp32") and out["mfu"] > 0 and out["mfu_measured_peak"] > 0
