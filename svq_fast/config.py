@@ -202,10 +202,18 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class ZeroConfig:
+    """DeepSpeed ZeRO and precision. The paper-size configs choose bf16 autocast, overlapped gradient reduction and
+    5e7-element buckets (train/README.md "GPU defaults" says why and what the first multi-GPU run should measure)."""
+
     stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     offload_optimizer: bool = False
-    overlap_comm: bool = False
+    overlap_comm: bool = False  # reduce gradient buckets during the backward (ZeRO 1-3)
+    # elements per gradient-reduction / parameter-allgather bucket; 0 = DeepSpeed's default (5e8: larger than a
+    # 350M-parameter model, so nothing overlaps, and a 2 GB fp32 buffer per engine)
+    reduce_bucket_size: int = 0
+    allgather_bucket_size: int = 0
+    communication_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype of the gradient all-reduce / reduce-scatter
 
 
 @dataclass(kw_only=True)
@@ -233,6 +241,10 @@ class RunConfig:
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager: trace only (tests)
     # a fresh start (resume "") in a directory holding checkpoints refuses; true: delete the previous run's outputs
     overwrite: bool = False
+    # CUDA only (CPU runs are untouched): fp32 matmuls and convolutions in TF32 (torch "high"; the VQ search keeps
+    # ~fp32 "tf32x3" dots), cuDNN autotuning for training's fixed shapes (train/engine.py configure_backends)
+    tf32: bool = True
+    cudnn_benchmark: bool = True
 
 
 @dataclass(kw_only=True)
@@ -530,14 +542,22 @@ def to_deepspeed(cfg: Stage1Config | Stage2Config, world_size: int) -> dict:
         "gradient_clipping": opt.grad_clip,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on and synchronised by default: a device sync at every engine forward and
+        # step. We measure throughput ourselves, once per logging window.
+        "timers": {"throughput": {"enabled": False}},
         # The optimizer is a torch one passed to deepspeed.initialize (no JIT-built fused Adam).
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": zero.stage},
     }
     if zero.stage > 0:
         ds["zero_optimization"].update({"overlap_comm": zero.overlap_comm, "contiguous_gradients": True})
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(zero, key):
+                ds["zero_optimization"][key] = int(getattr(zero, key))
         if zero.offload_optimizer:
             ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if zero.communication_dtype != "fp32":
+        ds["communication_data_type"] = zero.communication_dtype
     if zero.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif zero.precision == "fp16":

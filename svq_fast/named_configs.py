@@ -16,8 +16,17 @@ from svq_fast.config import (
     Stage1Config,
     Stage2Config,
     SVQModelConfig,
+    ZeroConfig,
 )
 from svq_fast.data.synthetic import NUM_CLASSES as SYNTHETIC_CLASSES
+
+
+def _gpu_zero() -> ZeroConfig:
+    """The paper-size runs' ZeRO and precision: ZeRO-2, bf16 autocast over fp32 weights, gradients reduced in
+    5e7-element buckets during the backward, fp32 reductions (train/README.md "GPU defaults")."""
+    return ZeroConfig(
+        stage=2, precision="bf16", overlap_comm=True, reduce_bucket_size=50_000_000, allgather_bucket_size=50_000_000
+    )
 
 
 def svqgan_f16_256() -> Stage1Config:
@@ -38,6 +47,7 @@ def svqgan_f16_256() -> Stage1Config:
         loss=LossConfig(semantic_weight=0.1, gan=True, disc_start=10000, disc_warmup=2000, perceptual_weight=1.0),
         data=DataConfig(image_size=256, num_workers=4),
         optim=OptimConfig(lr=4.5e-6 * 8 * 8, micro_batch=8, max_steps=200_000, warmup_steps=1000),
+        zero=_gpu_zero(),
         run=RunConfig(name="svqgan_f16_256", out_dir="runs/svqgan_f16_256", save_every=5000),
     )
 
@@ -160,6 +170,7 @@ def gpt_f16_256() -> Stage2Config:
             warmup_steps=2000,
             lr_schedule="cosine",
         ),
+        zero=_gpu_zero(),
         run=RunConfig(name="gpt_f16_256", out_dir="runs/gpt_f16_256", save_every=5000),
     )
 

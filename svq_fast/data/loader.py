@@ -38,6 +38,7 @@ class SemanticShardStream(ShardStream):
         num_classes: int | None = None,
         ignore_index: int = IGNORE,
         check_hashes: bool = True,
+        raw: bool = False,
         **kwargs,
     ):
         if crop not in ("random", "center"):
@@ -46,6 +47,7 @@ class SemanticShardStream(ShardStream):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.image_size, self.flip, self.crop = image_size, flip, crop
         self.num_classes, self.ignore_index, self.check_hashes = num_classes, ignore_index, check_hashes
+        self.raw = raw  # uint8 images and labels (transforms.to_tensors)
         self._valid = None  # (256,) bool: which uint8 label values are valid ids (None: not checked)
         if num_classes is not None:
             valid = np.zeros(256, bool)
@@ -63,12 +65,12 @@ class SemanticShardStream(ShardStream):
 
     def make_sample(self, decoded, params: np.ndarray) -> dict:
         image, label = joint_transform(*decoded, self.image_size, params, self.flip, self.crop)
-        x, s = to_tensors(image, label)
+        x, s = to_tensors(image, label, raw=self.raw)
         return {"image": x, "label": s}
 
     def blank_sample(self) -> dict:
         s = self.image_size
-        x, lab = to_tensors(np.zeros((s, s, 3), np.uint8), np.full((s, s), IGNORE, np.uint8))
+        x, lab = to_tensors(np.zeros((s, s, 3), np.uint8), np.full((s, s), IGNORE, np.uint8), raw=self.raw)
         return {"image": x, "label": lab}
 
 
@@ -110,13 +112,15 @@ def make_loader(
     check_hashes: bool = True,
     max_bad_fraction: float | None = None,
     window: int = 10,
+    raw: bool = False,
 ) -> ShardLoader:
     """A ShardLoader (a DataLoader) yielding {"image", "label", "key", "pad"} batches; see the module docstring.
     rank / world_size default to torch.distributed's when it is initialised (else 0 / 1). `faults`: retries,
     backoff and timeouts for streamed shards (reader.FaultPolicy); `log_dir`: a TensorBoard folder for the
     data fault counters (faults.py). `num_classes` / `ignore_index`: the label ids a sample may hold (None: not
     checked); `check_hashes`: verify meta.json's sha256; `max_bad_fraction` (None: no limit) per `window`
-    batches: see stream.ShardLoader."""
+    batches: see stream.ShardLoader. `raw`: uint8 images and labels, normalised on the device by the consumer
+    (transforms.normalize_on_device); `pin_memory`: page-locked batches for non-blocking copies to a GPU."""
     dataset = (stream_cls or SemanticShardStream)(
         shards,
         image_size=image_size,
@@ -135,6 +139,7 @@ def make_loader(
         num_classes=num_classes,
         ignore_index=ignore_index,
         check_hashes=check_hashes,
+        raw=raw,
     )
     return ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                        log_dir=log_dir, max_bad_fraction=max_bad_fraction, window=window)  # fmt: skip

@@ -45,13 +45,36 @@ def joint_transform(
     return image, label
 
 
-def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> image (3, H, W) float in [-1, 1], label (H, W) int64. The arithmetic is done in numpy: torch's
-    intra-op threads make these small per-sample ops many times slower in the main process (num_workers=0)."""
+PIXEL_SCALE = (
+    1 / 127.5
+)  # uint8 pixel v -> v * PIXEL_SCALE - 1 in [-1, 1] (here for float batches, on the device for raw)
+
+
+def to_tensors(image: np.ndarray, label: np.ndarray, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> image (3, H, W) float in [-1, 1], label (H, W) int64; raw=True: image (3, H, W) uint8 and label (H, W)
+    uint8 as decoded, a quarter / an eighth of the bytes through worker shared memory and the host-to-device copy
+    (normalise on the device with `normalize_on_device`). The float arithmetic is done in numpy: torch's intra-op
+    threads make these small per-sample ops many times slower in the main process (num_workers=0)."""
+    if raw:
+        x = np.ascontiguousarray(np.transpose(image, (2, 0, 1)), dtype=np.uint8)
+        return torch.from_numpy(x), torch.from_numpy(np.array(label, np.uint8))
     x = np.ascontiguousarray(np.transpose(image, (2, 0, 1)), dtype=np.float32)
-    x *= 1 / 127.5
+    x *= PIXEL_SCALE
     x -= 1.0
     return torch.from_numpy(x), torch.from_numpy(np.array(label, np.int64))
+
+
+def normalize_on_device(
+    batch: dict, dev: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's images and labels on `dev`: (B, 3, H, W) `dtype` in [-1, 1] and (B, H, W) int64, from raw uint8
+    batches (copied without blocking the host; pinned by the loader on GPU runs) or from float ones. The raw path's
+    arithmetic matches to_tensors' numpy (float32 multiply by PIXEL_SCALE, then subtract 1) bit for bit."""
+    image, label = batch["image"], batch["label"]
+    image = image.to(dev, non_blocking=True)
+    if image.dtype == torch.uint8:
+        image = image.float().mul_(PIXEL_SCALE).sub_(1.0)
+    return image.to(dtype), label.to(dev, non_blocking=True).long()
 
 
 def collate(samples: list[dict]) -> dict:

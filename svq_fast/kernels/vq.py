@@ -391,6 +391,15 @@ def fp32_precision(precision: str | None):
         _precision_override[0] = old
 
 
+def pin_fp32_precision(precision: str | None) -> None:
+    """Set for the whole process the fp32 dot precision of the Triton VQ kernel, whatever torch's matmul precision
+    says (None: follow it again). Training pins "tf32x3" when it lets the model's matmuls run in TF32 ("high"): the
+    nearest-code search keeps ~fp32 distances (train/engine.py configure_backends)."""
+    if precision is not None and precision not in _FP32_PRECISIONS:
+        raise ValueError(f"pin_fp32_precision: {precision!r} is not one of {_FP32_PRECISIONS}")
+    _precision_override[0] = precision
+
+
 def _input_precision() -> str:
     if _precision_override[0] is not None:
         return _precision_override[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from svq_fast.config import DataConfig
 from svq_fast.data.loader import make_loader
 from svq_fast.data.reader import FaultPolicy
@@ -35,16 +37,19 @@ class _RankSlice:
 def train_loader(cfg: DataConfig, micro_batch: int, rank: int, world_size: int, shards: list[str] | None = None,
                  log_dir: str | None = None, *, num_classes: int | None = None, ignore_index: int = 255,
                  window: int = 10):  # fmt: skip
-    """Endless loader of this rank's micro-batches; `shards` = already resolved training shards (else resolved
+    """Endless loader of this rank's micro-batches (uint8 images and labels: normalise with
+    data.transforms.normalize_on_device); `shards` = already resolved training shards (else resolved
     here); streamed shards are retried as cfg.stream_* say, and the data fault counters go to TensorBoard under
     `log_dir` (None: the run log only). Label ids outside 0..num_classes-1 that are not ignore_index make a
     sample bad (replaced, counted, logged as shard:key; num_classes None: not checked); more than
     cfg.max_bad_fraction replaced samples in a window of `window` batches (the run's logging window) stop the run
     with TooManyBadSamples (svq_fast/data/faults.py)."""
     shards = shards if shards is not None else shards_or_synthetic(cfg, "train", rank)
-    common = dict(image_size=cfg.image_size, seed=cfg.seed, num_workers=cfg.num_workers, resampled=True,
-                  flip=cfg.random_flip, shuffle_buffer=cfg.shuffle_buffer, faults=FaultPolicy.of(cfg),
-                  log_dir=log_dir, num_classes=num_classes, ignore_index=ignore_index,
+    # uint8 batches (a quarter of float32's bytes through shared memory and PCIe), pinned on GPU runs so that the
+    # stages' non_blocking copies overlap; the stages normalise on the device (data.transforms.normalize_on_device)
+    common = dict(raw=True, pin_memory=torch.cuda.is_available(), image_size=cfg.image_size, seed=cfg.seed,
+                  num_workers=cfg.num_workers, resampled=True, flip=cfg.random_flip, shuffle_buffer=cfg.shuffle_buffer,
+                  faults=FaultPolicy.of(cfg), log_dir=log_dir, num_classes=num_classes, ignore_index=ignore_index,
                   max_bad_fraction=cfg.max_bad_fraction, window=max(1, window))  # fmt: skip
     if cfg.global_stream:  # one global stream of micro_batch * world samples; each rank keeps its rows
         loader = make_loader(shards, batch_size=micro_batch * world_size, rank=0, world_size=1, **common)

@@ -21,6 +21,21 @@ def device() -> torch.device:
     return torch.device(acc.device_name(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def configure_backends(cfg: Stage1Config | Stage2Config, dev: torch.device) -> None:
+    """A run's GPU math settings, before its first forward (nothing changes on CPU, so CPU runs stay bit-identical):
+    run.tf32 lets fp32 matmuls and convolutions use TF32 tensor cores (torch's "high", as torchtitan and nanoGPT
+    set it; ~8x the fp32 rate on an H100), while the nearest-code search keeps near-fp32 "tf32x3" distances (a TF32
+    distance can flip near-tied codes); run.cudnn_benchmark autotunes convolutions for training's fixed shapes."""
+    if dev.type != "cuda":
+        return
+    from svq_fast.kernels.vq import pin_fp32_precision
+
+    torch.set_float32_matmul_precision("high" if cfg.run.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = cfg.run.tf32
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    pin_fp32_precision("tf32x3" if cfg.run.tf32 else None)
+
+
 def lr_lambda(opt: OptimConfig):
     """Multiplier on the base lr at optimizer step `step`: linear warmup, then constant or cosine to 10%."""
 

@@ -22,6 +22,7 @@ from svq_fast.config import Stage1Config
 from svq_fast.data.index import class_pixel_counts
 from svq_fast.data.loader import list_shards, ordered_loader
 from svq_fast.data.run_shards import shards_or_synthetic
+from svq_fast.data.transforms import normalize_on_device
 from svq_fast.dist import all_reduce_mean_, fail_together, init_deepspeed
 from svq_fast.eval.visualize import colorize, grid, to_unit
 from svq_fast.losses.class_balance import balanced_class_weights, pixel_weights
@@ -31,7 +32,7 @@ from svq_fast.losses.reconstruction import reconstruction_loss, semantic_loss, t
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.train import loop
 from svq_fast.train.data import tensorboard_dir, train_loader
-from svq_fast.train.engine import autocast_dtype, build_engine, device
+from svq_fast.train.engine import autocast_dtype, build_engine, configure_backends, device
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops
 from svq_fast.train.run_dir import prepare_run
@@ -117,9 +118,9 @@ class Stage1(Stage):
         return self.gen.lr_scheduler.get_last_lr()[0]
 
     def micro_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        m, dev = self.model, self.dev
-        x = batch["image"].to(dev, self.dtype) if m.has_image else None
-        s = batch["label"].to(dev) if m.has_semantic else None
+        m = self.model
+        x, s = normalize_on_device(batch, self.dev, self.dtype)
+        x, s = (x if m.has_image else None), (s if m.has_semantic else None)
         with self.timer("forward"):
             out = self.gen(x, s)
         loss, reported, logs = self.generator_loss(out, x, s, step)
@@ -310,6 +311,7 @@ def train_stage1(cfg: Stage1Config, after_step=()) -> dict:
     with fail_together():  # an error on this rank stops every rank, with this rank's message
         run_dir = prepare_run(cfg, rank)
         dev = device()
+        configure_backends(cfg, dev)
         perceptual = build_perceptual(
             cfg.loss.perceptual_weight, cfg.loss.lpips_vgg_path
         )  # fails early if asked and absent

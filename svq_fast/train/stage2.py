@@ -12,13 +12,14 @@ import torch
 
 from svq_fast.config import Stage2Config
 from svq_fast.data.tokens import make_token_loader, read_token_index
+from svq_fast.data.transforms import normalize_on_device
 from svq_fast.dist import fail_together, init_deepspeed
 from svq_fast.export import load_tokenizer
 from svq_fast.models.gpt import SemanticGPT
 from svq_fast.models.tokenizer import Tokenizer
 from svq_fast.train import loop
 from svq_fast.train.data import tensorboard_dir, train_loader
-from svq_fast.train.engine import build_engine, device
+from svq_fast.train.engine import build_engine, configure_backends, device
 from svq_fast.train.loop import Stage
 from svq_fast.train.perf import PhaseTimer, count_flops
 from svq_fast.train.run_dir import prepare_run
@@ -33,6 +34,8 @@ class Stage2(Stage):
     def __init__(self, cfg: Stage2Config, gpt, loader, dev: torch.device, tokenizer: Tokenizer | None):
         super().__init__({"gpt": gpt}, loader, PhaseTimer(dev))
         self.gpt, self.dev, self.tokenizer = gpt, dev, tokenizer  # tokenizer None: batches hold tokens already
+        # the frozen encoder runs in the GPT's precision (bf16 autocast; the code lookup itself stays fp32)
+        self.autocast_tokenizer = cfg.zero.precision == "bf16"
         self.throughput_unit = ("tokens", 2 * cfg.model.grid**2)  # semantic + image tokens per sequence
 
     def lr(self) -> float:
@@ -41,9 +44,10 @@ class Stage2(Stage):
     def micro_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         dev = self.dev
         if self.tokenizer is None:
-            sem, img = batch["sem"].to(dev), batch["img"].to(dev)
+            sem, img = batch["sem"].to(dev, non_blocking=True), batch["img"].to(dev, non_blocking=True)
         else:
-            sem, img = self.tokenizer(batch["image"].to(dev), batch["label"].to(dev))
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast_tokenizer):
+                sem, img = self.tokenizer(*normalize_on_device(batch, dev))
         with self.timer("forward"):
             _, loss = self.gpt(sem, img)
         (nonfinite,) = self.agree(~torch.isfinite(loss.detach()))  # the step's one host read (stop request included)
@@ -62,6 +66,7 @@ def train_stage2(cfg: Stage2Config, after_step=()) -> dict:
     with fail_together():  # an error on this rank stops every rank, with this rank's message
         run_dir = prepare_run(cfg, rank)
         dev = device()
+        configure_backends(cfg, dev)
         tokenizer = None if cfg.data.token_shards else load_tokenizer(cfg, dev)
         torch.manual_seed(cfg.run.seed)
         gpt = build_engine(SemanticGPT(cfg.model, chunked_ce=cfg.model.chunked_ce), cfg, world_size=world)[0]

@@ -1,0 +1,60 @@
+"""The GPU-facing defaults: the paper-size configs train in bf16 with overlapped, bucketed ZeRO reductions;
+DeepSpeed's synchronising throughput timer is off; a CUDA run gets TF32 and cuDNN autotuning while the VQ search keeps
+near-fp32 dots; a CPU run is left exactly as it was."""
+
+import pytest
+import torch
+
+from svq_fast.config import to_deepspeed
+from svq_fast.kernels import vq as vq_kernels
+from svq_fast.named_configs import get_config
+from svq_fast.train.engine import configure_backends, deepspeed_config, fused_adam
+
+
+@pytest.mark.parametrize("name", ["svqgan_f16_256", "gpt_f16_256"])
+def test_paper_configs_train_in_bf16_with_overlapped_bucketed_reductions(name):
+    cfg = get_config(name)
+    ds = deepspeed_config(cfg, world_size=8)
+    assert cfg.zero.precision == "bf16" and ds["torch_autocast"]["enabled"] and "bf16" not in ds
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 2 and zero["overlap_comm"] is True
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
+    assert "communication_data_type" not in ds  # fp32 reductions
+
+
+@pytest.mark.parametrize("name", ["svqgan_tiny", "gpt_tiny", "svqgan_f16_256"])
+def test_deepspeeds_synchronising_throughput_timer_is_off(name):
+    assert to_deepspeed(get_config(name), 2)["timers"] == {"throughput": {"enabled": False}}
+
+
+def test_tiny_configs_keep_deepspeeds_defaults_on_cpu():
+    zero = to_deepspeed(get_config("svqgan_tiny"), 2)["zero_optimization"]
+    assert "reduce_bucket_size" not in zero and zero["overlap_comm"] is False
+
+
+def test_fused_adam_is_the_cuda_default_only():
+    opt = get_config("gpt_tiny").optim
+    assert fused_adam(opt, torch.device("cuda", 0)) is True and fused_adam(opt, torch.device("cpu")) is None
+    opt.fused_adam = "on"
+    assert fused_adam(opt, torch.device("cpu")) is True
+
+
+@pytest.fixture
+def restore_backends():
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]
+    vq_kernels.pin_fp32_precision(None)
+
+
+def test_cuda_runs_get_tf32_and_cudnn_autotuning_with_the_vq_search_kept_near_fp32(restore_backends):
+    cfg = get_config("svqgan_f16_256")
+    configure_backends(cfg, torch.device("cpu"))  # CPU: untouched
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.benchmark
+    configure_backends(cfg, torch.device("cuda", 0))
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark
+    assert vq_kernels._input_precision() == "tf32x3"  # the model's matmuls may run TF32, the code search does not
+    cfg.run.tf32 = False
+    configure_backends(cfg, torch.device("cuda", 0))
+    assert torch.get_float32_matmul_precision() == "highest" and vq_kernels._input_precision() == "tf32x3"
