@@ -75,6 +75,11 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--paper", action="store_true", help="the paper-size GPT (gpt_f16_256's model; overrides --layers, "
+                   "--width, --heads)")  # fmt: skip
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off; CFG runs the "
+                   "conditional and unconditional sequences together, 2B)")  # fmt: skip
+    p.add_argument("--jsonl", default=None, help="append each row to this .jsonl file as it is measured (gpu_suite.sh)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--md", default=None, help="also write the table as markdown here")
     args = p.parse_args(argv)
@@ -134,7 +139,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_sampling(gpt, sem, mode: str, n: int, reps: int) -> float:
+def time_sampling(gpt, sem, mode: str, n: int, reps: int, guidance: float = 1.0) -> float:
     kw = {
         "full": dict(use_cache=False),
         "dynamic": dict(cache="dynamic"),
@@ -146,7 +151,7 @@ def time_sampling(gpt, sem, mode: str, n: int, reps: int) -> float:
         gen = torch.Generator(sem.device).manual_seed(r)
         sync(sem.device)
         t0 = time.perf_counter()
-        sample_image_tokens(gpt, sem, generator=gen, num_tokens=n, **kw)
+        sample_image_tokens(gpt, sem, generator=gen, num_tokens=n, guidance_scale=guidance, **kw)
         sync(sem.device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
@@ -218,10 +223,17 @@ def main(argv=None):
         cfg_dropout=0.0,
         attn_backend="auto",
     )
+    if args.paper:
+        import dataclasses
+
+        from svq_fast.named_configs import get_config
+
+        cfg = dataclasses.replace(get_config("gpt_f16_256").model, cfg_dropout=0.0, attn_backend="auto")
+        args.layers, args.width, args.heads = cfg.n_layer, cfg.n_embd, cfg.n_head
     gpt = SemanticGPT(cfg).to(device=device, dtype=DTYPES[args.dtype]).eval().requires_grad_(False)
     info = machine(args)
     k = args.full_tokens
-    print(f"# bench_sampling: {info['device']}, torch {info['torch']}, {args.dtype}")
+    print(f"# bench_sampling: {info['device']}, torch {info['torch']}, {args.dtype}, guidance {args.guidance}")
     print(
         f"# GPT {args.layers} layers, width {args.width}, {args.heads} heads, V_img 16384, V_sem 4096, "
         f"256 semantic + 256 image tokens; full recomputation timed on the first {k} image tokens"
@@ -238,13 +250,14 @@ def main(argv=None):
                     use_cache=mode != "full",
                     cache="dynamic" if mode == "dynamic" else "static",
                     cuda_graph=mode == "cuda-graph",
+                    guidance_scale=args.guidance,
                 )
         t_k = {}
         for mode in args.modes:
             lengths = [k] if mode == "full" else sorted({k, 256})
             for n in lengths:
                 load0 = loadavg()
-                t = time_sampling(gpt, sem, mode, n, args.reps)
+                t = time_sampling(gpt, sem, mode, n, args.reps, args.guidance)
                 if n == k:
                     t_k[mode] = t
                 row = dict(
@@ -258,7 +271,13 @@ def main(argv=None):
                     load_start=load0,
                     load_end=loadavg(),
                 )
+                if n == gpt.n_img:  # a whole sample: image tokens only (the decoder's pass is not timed)
+                    row.update(images_per_s=round(b / t, 3), guidance=args.guidance, layers=args.layers,
+                               width=args.width)  # fmt: skip
                 rows.append(row)
+                if args.jsonl:
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps({"bench": "sampling", **row}) + "\n")
                 print(f"batch {b:3d} {mode:10s} {n:3d} tokens  {t:9.3f} s  {b * n / t:10.1f} tokens/s", flush=True)
         if "full" in t_k:
             for mode in [m for m in args.modes if m != "full"]:

@@ -220,7 +220,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --smoke's and --table's settings applied."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--paper", action="store_true", help="paper-size configs (GPU)")
@@ -238,7 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs per variant, interleaved; medians are reported")
     p.add_argument("--out", default="")
     p.add_argument("--jsonl", default=None, help="append each run's row to this .jsonl file as it finishes")
-    p.add_argument("--smoke", action="store_true", help="tiny configs, 3 steps, CPU (CI: arguments and plumbing)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny configs on CPU, each run stopped by --seconds (default 12), log every 2 steps (CI)")  # fmt: skip
     p.add_argument(
         "--table",
         action="store_true",
@@ -268,14 +270,19 @@ def main(argv=None) -> int:
         args.warmup, args.log_every = 1, 2
         # the GPU suite's control path: a time stop (not a step count) ends each run, stage 1's export of that run is
         # stage 2's tokenizer; the table's children stop on a step count
-        args.steps, args.seconds = (5, 0.0) if args.table else (100_000, args.seconds or 6.0)
+        args.steps, args.seconds = (5, 0.0) if args.table else (100_000, args.seconds or 12.0)
         args.variants = "eager_fp32,compiled_fp32,plain_fp32" if args.table else "fused"
         args.compile_backend = "aot_eager"
+    if args.table and args.variants == p.get_default("variants"):
+        args.variants = TABLE_VARIANTS
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.one:
         return _one(args)
     if args.table:
-        if args.variants == p.get_default("variants"):
-            args.variants = TABLE_VARIANTS
         return table(args)
     from bench_common import JsonlWriter
 

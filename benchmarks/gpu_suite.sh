@@ -3,6 +3,10 @@
 #   bash benchmarks/gpu_suite.sh --out DIR      # one CUDA GPU: <= 470 s in all (per-step budgets below)
 #   bash benchmarks/gpu_suite.sh --dry-run      # anywhere: list the steps, their budgets, check the scripts exist
 #   bash benchmarks/gpu_suite.sh --smoke --out DIR   # CPU, tiny sizes: every step's arguments really run (CI)
+#   bash benchmarks/gpu_suite.sh --dry-run --smoke   # list the smoke's command lines
+# --smoke takes the GPU run's control paths: the training stack is started by the DeepSpeed launcher
+# (python -m deepspeed.launcher.runner, as svq_fast.dist.deepspeed_command does), each stage stops on run.max_seconds,
+# stage 1's export of that run is stage 2's tokenizer; the test step runs the core subset (benchmarks/gpu_tests.py).
 # Files written to --out (7 at most, so that all come back from an 8-file lease): suite.log (every step's output),
 # rows.jsonl (one JSON row per measurement, appended as measured: a killed step keeps its rows), device.json,
 # pytest-gpu.xml, and at the end results.tgz (all of it), summary.md, summary.json. The last thing printed is the
@@ -41,29 +45,38 @@ if [ "$SMOKE" = 1 ]; then
   VQ="--device cpu --dtype bf16,fp32 --shapes 64x128x16 --providers ref,gemm --modes forward+backward --reps 1"
   ATTN="--device cpu --dtype fp32 --shapes 1,2,64,32 --providers sdpa-math,ref --modes fwd+bwd --masks causal,prefix --reps 1"
   OPS="--smoke"
-  TRAIN="--smoke"
+  TRAIN="--smoke --seconds 12"
   EAGER="--smoke"
+  SAMPLE="--device cpu --batches 2 --modes static --layers 2 --width 64 --heads 2 --guidance 1.5"
 else
   DEV=cuda
   PYTEST_ARGS=""
   VQ="--device cuda --dtype bf16,fp32 --providers triton,ref,gemm,vqp --modes forward,forward+backward --budget-s 0.3"
-  VQ="$VQ --shapes 65536x16384x256,8192x16384x256,65536x1024x64,8192x16384x8"
+  VQ="$VQ --shapes 65536x16384x256,8192x16384x256,65536x1024x64"
   ATTN="--device cuda --dtype bf16 --providers triton,sdpa-flash,sdpa-efficient,sdpa-cudnn,xformers --modes fwd,fwd+bwd"
   OPS="--device cuda --dtype bf16"
-  TRAIN="--device cuda --paper --precision bf16 --seconds 12 --steps 1000 --warmup 3 --micro-batch 8 --samples 256 --variants fused"
+  # each stage stops on --seconds (max_steps out of reach) and is timed from its first log step past the warm-up
+  TRAIN="--device cuda --paper --precision bf16 --seconds 18 --steps 100000 --warmup 3 --micro-batch 8 --samples 256 --variants fused"
   EAGER="--device cuda --paper --precision bf16 --seconds 12 --steps 1000 --warmup 3 --micro-batch 8"
+  # images/s of whole 256-token samples at batch 64 with CFG, the paper-size GPT: static cache with and without CUDA graphs
+  SAMPLE="--device cuda --paper --batches 64 --modes static,cuda-graph --guidance 1.5"
 fi
+
+# The DeepSpeed launcher as a module of this interpreter: a `pip --target` install has no `deepspeed` script on PATH
+# (the form svq_fast.dist.deepspeed_command builds; the port is drawn when the step starts).
+LAUNCH="$PY -m deepspeed.launcher.runner --num_gpus 1 --master_port \$($PY -c 'from svq_fast.dist import free_port; print(free_port())')"
 
 # name | budget (s, SIGINT at budget - 8, SIGKILL at budget) | command. Budgets sum to 465 s.
 STEPS=(
-  "env|15|$PY benchmarks/device_info.py --out $OUT/device.json"
-  "install|30|bash benchmarks/install_offline.sh $TARGET"
-  "pytest-gpu|90|$PY -m pytest -q -m gpu tests/kernels -p no:cacheprovider $PYTEST_ARGS --junitxml=$OUT/pytest-gpu.xml"
-  "bench-vq|65|$PY benchmarks/bench_vq.py $VQ --jsonl $J"
-  "bench-attention|75|$PY benchmarks/bench_attention.py $ATTN --jsonl $J"
-  "bench-ops|35|$PY benchmarks/bench_ops.py $OPS --jsonl $J"
-  "train-stack|90|$PY benchmarks/bench_train.py $TRAIN --jsonl $J"
-  "train-eager|55|$PY benchmarks/bench_train_eager.py $EAGER --jsonl $J"
+  "env|10|$PY benchmarks/device_info.py --out $OUT/device.json"
+  "install|25|bash benchmarks/install_offline.sh $TARGET"
+  "pytest-gpu|75|$PY benchmarks/gpu_tests.py --jsonl $J $PYTEST_ARGS --junitxml=$OUT/pytest-gpu.xml"
+  "bench-vq|55|$PY benchmarks/bench_vq.py $VQ --jsonl $J"
+  "bench-attention|60|$PY benchmarks/bench_attention.py $ATTN --jsonl $J"
+  "bench-ops|30|$PY benchmarks/bench_ops.py $OPS --jsonl $J"
+  "train-stack|115|$LAUNCH benchmarks/bench_train.py $TRAIN --jsonl $J"
+  "train-eager|50|$PY benchmarks/bench_train_eager.py $EAGER --jsonl $J"
+  "sampling|35|$PY benchmarks/bench_sampling.py $SAMPLE --full-tokens 256 --window-grids '' --jsonl $J"
   "summarize|10|$PY benchmarks/summarize_results.py $OUT --write"
 )
 

@@ -79,11 +79,20 @@ def ratios(rows: list[dict]) -> list[dict]:
         eager = [r for r in train if r["recipe"] == recipe and r["variant"] == "eager"]
         if stack and eager:
             s, e = stack[-1], eager[-1]
-            case = f"{s['config']} {unit} {s[unit]:.1f} vs {e[unit]:.1f}; "
+            case = f"{s['config']} {unit} {s[unit]:.1f} vs {e[unit]:.1f} (stop: {s.get('stop_reason', '?')}); "
             case += f"MFU {s['mfu']:.3f} vs {e['mfu']:.3f} of {s.get('mfu_peak', '?')}"
             out.append(
                 dict(what=f"train {recipe} stack vs eager", case=case, ratio=s[unit] / e[unit], baseline="eager")
             )
+    sampling = [r for r in rows if r.get("bench") == "sampling" and "images_per_s" in r]
+    for r in sampling:
+        if r["mode"] != "cuda-graph":
+            continue
+        base = next((b for b in sampling if b["mode"] == "static" and b["batch"] == r["batch"]), None)
+        if base:
+            case = f"batch {r['batch']} CFG {r.get('guidance')}: {r['images_per_s']:.2f} vs {base['images_per_s']:.2f} images/s"
+            out.append(dict(what="sampling cuda-graph vs static", case=case, ratio=r["images_per_s"] / base["images_per_s"],
+                            baseline="static cache"))  # fmt: skip
     for o in out:
         o["target"] = TARGETS.get(o["what"], "")
     return out
@@ -96,11 +105,13 @@ def table(folder: Path) -> tuple[str, dict]:
     steps = [r for r in rows if r.get("bench") == "suite"]
     rat = ratios(rows)
     tests = pytest_counts(folder)
+    plan = next((r for r in rows if r.get("step") == "pytest-gpu-plan"), None)
+    not_run = len(plan["not_run"]) if plan else "?"
     lines = [
         f"device: {dev.get('device')}  driver: {dev.get('driver')}  torch: {dev.get('torch')}  "
         f"triton: {dev.get('triton')}  python: {dev.get('python')}",
-        "steps: " + ", ".join(f"{s['step']} {s['status']} {s.get('seconds', 0)}s" for s in steps),
-        f"pytest -m gpu: {tests}",
+        "steps: " + ", ".join(f"{s['step']} {s['status']} {s.get('seconds', 0)}s" for s in steps if "status" in s),
+        f"pytest -m gpu: {tests}; not run (outside benchmarks/gpu_core_tests.txt): {not_run}",
         f"{'ratio':34s} {'case':58s} {'x':>7s}  {'vs':14s} target",
     ]
     for r in rat:
