@@ -13,7 +13,8 @@ the config's own log cadence (log.every, 10; --log-every to change it): the time
 at or past `--warmup` to the last log step the run reaches (the device synchronised there, once per log window, as the
 loop's own logging does), so compiles stay outside it and no step is synchronised more than in a real run. A run ends
 at --steps or --seconds, whichever comes first; stage 2 trains on the export of the stage-1 'fused' row (its run must
-have exported). With --repeats N the variants run interleaved N times and the summary takes medians. TensorBoard's cost is shown two ways: throughput with logging on vs off, and the share of step time the
+have exported). With --repeats N the variants run interleaved N times and the summary takes medians. TensorBoard's
+cost is shown two ways: throughput with logging on vs off, and the share of step time the
 run itself measured inside the writer calls (time/tensorboard_fraction). --out gets JSON {runs, summary}.
 
 The step's speed table (issue 20), every row a fresh process (so peak RSS, compile time and the random stream are each
@@ -229,7 +230,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=21, help="max steps per run (the timed window ends at a log step)")
     p.add_argument("--warmup", type=int, default=3, help="the timed window starts at the first log step past this")
     p.add_argument("--log-every", type=int, default=0,
-                   help="the runs' log cadence (default: the config's log.every, 10 for every named config)")  # fmt: skip
+                   help="log cadence of the runs (default: the config's log.every, 10)")  # fmt: skip
     p.add_argument("--seconds", type=float, default=0.0, help="per-run time limit (0 = none)")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -240,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="")
     p.add_argument("--jsonl", default=None, help="append each run's row to this .jsonl file as it finishes")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny configs on CPU, each run stopped by --seconds (default 12), log every 2 steps (CI)")  # fmt: skip
+                   help="tiny configs, CPU, runs stopped on --seconds (default 12), log every 2 steps")  # fmt: skip
     p.add_argument(
         "--table",
         action="store_true",

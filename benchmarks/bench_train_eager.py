@@ -173,7 +173,8 @@ def main(argv=None) -> int:
         args.paper, args.mid, args.micro_batch, args.steps, args.warmup, args.seconds = False, False, 2, 2, 1, 0.0
         args.precision = "fp32"
     peak = gemm_peak_tflops(args.device, args.precision)
-    print(f"bench_train_eager on {args.device}: {args.precision} GEMM {peak:.1f} TFLOP/s, {precision_note()}", flush=True)
+    print(f"bench_train_eager on {args.device}: {args.precision} GEMM {peak:.1f} TFLOP/s, {precision_note()}",
+          flush=True)  # fmt: skip
     out = JsonlWriter(args.jsonl, "train")
     for recipe in args.recipes.split(","):
         row = {"stage1": stage1, "stage2": stage2}[recipe](args, peak)

@@ -42,7 +42,12 @@ class CoreOnly:
         self.not_run = [it.nodeid for it in drop if it.get_closest_marker("gpu") is not None]
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
-        row = {"bench": "gpu_tests", "step": "pytest-gpu-plan", "core": [it.nodeid for it in keep], "not_run": self.not_run}
+        row = {
+            "bench": "gpu_tests",
+            "step": "pytest-gpu-plan",
+            "core": [it.nodeid for it in keep],
+            "not_run": self.not_run,
+        }
         if self.jsonl:
             with open(self.jsonl, "a") as f:
                 f.write(json.dumps(row) + "\n")
