@@ -43,9 +43,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from svq_fast import dist
+from svq_fast.nn import host_counter
 from svq_fast.kernels._library import define_op
 from svq_fast.kernels.vq import BACKENDS, vq
 
@@ -143,6 +143,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("last_reset", torch.zeros(k, dtype=torch.int64))  # step a code was (re)initialised
         self.register_buffer("usage_ema", torch.zeros(k))  # (K,) EMA of code frequencies, time constant window
         self.register_buffer("restarts", torch.zeros((), dtype=torch.int64))  # codes re-seeded so far
+        self.register_load_state_dict_post_hook(lambda module, keys: host_counter.forget(module.step))
 
     # -- codebook ---------------------------------------------------------------------------------------
 
@@ -326,26 +327,6 @@ class _Config(NamedTuple):
     restart_every: int
 
 
-# The training step count as the host last saw it, per `step` buffer: (the buffer's version counter then, value).
-# Which steps look for dead codes is decided on the host from it, so a step that does not look reads nothing from the
-# device (finding the dead codes is data-dependent: a host read). The buffer is read again only when something else
-# wrote it since (a loaded checkpoint bumps its version), or for a new buffer.
-_HOST_STEPS = WeakIdKeyDictionary()
-
-
-def _host_step(step: torch.Tensor) -> int:
-    seen = _HOST_STEPS.get(step)
-    if seen is not None and seen[0] == step._version:
-        return seen[1]
-    return int(step)
-
-
-def _advance_step(step: torch.Tensor) -> int:
-    """step += 1 on the device; -> the new value, known on the host without a read after the first step."""
-    value = _host_step(step) + 1
-    step.add_(1)
-    _HOST_STEPS[step] = (step._version, value)
-    return value
 
 
 def _code_counts(indices: torch.Tensor, k: int) -> torch.Tensor:
@@ -364,7 +345,7 @@ def _update(st: _State, cfg: _Config, x: torch.Tensor, indices: torch.Tensor, co
         packed = counts
     dist.all_reduce_sum_(packed)  # one collective for counts (and EMA sums): every rank updates alike
     counts = packed[:k]
-    step = _advance_step(st.step)
+    step = host_counter.advance(st.step)  # known on the host: decides below whether to look for dead codes
     st.last_used.copy_(torch.where(counts > 0, st.step, st.last_used))
     decay = 1.0 - 1.0 / cfg.usage_window
     st.usage_ema.mul_(decay).add_(counts / counts.sum().clamp_min(1.0), alpha=1.0 - decay)
@@ -439,7 +420,7 @@ def _state_impl(
                 restarts)  # fmt: skip
     cfg = _Config(ema, ema_decay, ema_eps, restart_after, restart_sampling, usage_window, restart_every)
     if phase == "init":
-        if _host_step(step) == 0:
+        if host_counter.read(step) == 0:
             _reseed(st, cfg, torch.arange(weight.shape[0], device=x.device), x)
         return x.new_empty(0, dtype=torch.float32)
     return _update(st, cfg, x, indices, codes)

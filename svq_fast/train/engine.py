@@ -146,8 +146,10 @@ def use_channels_last(model: torch.nn.Module) -> int:
 def _fp32(x):
     if isinstance(x, torch.Tensor):
         return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
-    if isinstance(x, dict):
-        return {k: _fp32(v) for k, v in x.items()}
+    if isinstance(x, dict):  # activations handed out for a later gradient (`*_hidden`) stay as computed: the
+        # adaptive GAN weight casts x_hat_hidden when it uses it, and an fp32 copy of a full-resolution activation
+        # every step would cost memory and bandwidth for nothing before disc_start
+        return {k: v if k.endswith("_hidden") else _fp32(v) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
         return type(x)(_fp32(v) for v in x)
     return x

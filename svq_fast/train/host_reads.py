@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import traceback
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from svq_fast.kernels._library import IMPLS
@@ -22,6 +23,7 @@ from svq_fast.kernels._library import IMPLS
 # ops whose output shape depends on the data
 HOST_READ_OPS = {
     "aten::_local_scalar_dense",
+    "aten::item",  # seen as itself (not its _local_scalar_dense) inside a custom op's body
     "aten::nonzero",
     "aten::equal",
     "aten::unique",
@@ -49,8 +51,10 @@ class HostReadCounter(TorchDispatchMode):
             if self.traces:
                 self.sites[f"{name} at {_site()}"] += 1
         impl = IMPLS.get(name)
-        if impl is not None:  # a svq_fast custom op: run its Python implementation with the mode on, to count inside
-            with self:
+        if impl is not None:  # a svq_fast custom op: run its Python body with this mode on again, to count inside it
+            include = torch._C._dispatch_tls_local_include_set()
+            exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.Python)
+            with torch._C._ForceDispatchKeyGuard(include, exclude), self:
                 return impl(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 

@@ -58,3 +58,12 @@ def test_cuda_runs_get_tf32_and_cudnn_autotuning_with_the_vq_search_kept_near_fp
     cfg.run.tf32 = False
     configure_backends(cfg, torch.device("cuda", 0))
     assert torch.get_float32_matmul_precision() == "highest" and vq_kernels._input_precision() == "tf32x3"
+
+
+def test_bf16_outputs_leave_autocast_in_fp32_except_activations_kept_for_a_later_gradient():
+    from svq_fast.train.engine import _outputs_to_fp32
+
+    bf16 = torch.ones(2, dtype=torch.bfloat16)
+    out = _outputs_to_fp32(None, (), {"x_hat": bf16, "vq_loss_x": bf16, "x_hat_hidden": bf16})
+    assert out["x_hat"].dtype == out["vq_loss_x"].dtype == torch.float32
+    assert out["x_hat_hidden"] is bf16  # no fp32 copy of a full-resolution activation every step

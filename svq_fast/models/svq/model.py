@@ -16,6 +16,7 @@ from torch import nn
 from svq_fast import dist
 from svq_fast.config import QuantizerConfig, SVQModelConfig
 from svq_fast.kernels._library import define_op
+from svq_fast.nn import host_counter
 from svq_fast.nn.quantizer import VectorQuantizer
 from svq_fast.nn.semantic_input import SemanticConv
 from svq_fast.nn.semantic_patch import SemanticPatchEmbed
@@ -91,6 +92,7 @@ class SVQModel(nn.Module):
             # forwards that drew z_x swaps: seeds the swaps' own generator, and as a buffer it is checkpointed, so the
             # draws neither depend on nor disturb the global RNG stream and a resumed run repeats them exactly
             self.register_buffer("latent_swap_draws", torch.zeros((), dtype=torch.int64))
+            self.register_load_state_dict_post_hook(lambda m, keys: host_counter.forget(m.latent_swap_draws))
         # Learned fill for the hidden image when training for reference-free semantic encoding.
         self.image_fill = nn.Parameter(torch.zeros(1, 3, 1, 1)) if cfg.image_dropout > 0 else None
 
@@ -252,8 +254,7 @@ def _latent_swap_mask(draws: torch.Tensor, batch: int, p: float) -> torch.Tensor
     """(B,) bool on the CPU: which samples decode with the previous sample's z_x. Drawn from a generator of its own,
     seeded by the checkpointed counter `draws` (incremented here) and the rank; a registered op so that the host read
     of the counter and the generator stay out of a compiled graph's trace."""
-    gen = torch.Generator().manual_seed(int(draws) * 1_000_003 + dist.rank())
-    draws += 1
+    gen = torch.Generator().manual_seed((host_counter.advance(draws) - 1) * 1_000_003 + dist.rank())
     return torch.rand(batch, generator=gen) < p
 
 
