@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from svq_fast import dist
-from svq_fast.nn import host_counter
 from svq_fast.kernels._library import define_op
 from svq_fast.kernels.vq import BACKENDS, vq
+from svq_fast.nn import host_counter
 
 GRADS = ("ste", "rotation")
 RESTART_SAMPLING = ("uniform", "error")
