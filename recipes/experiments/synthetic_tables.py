@@ -257,7 +257,7 @@ def diversity_table(per_seed: list[dict]) -> list[str]:
                 continue
             cells = [_cell([g.get(k) if g else None for g in got], 1, d)
                      for k, d in (("pixel_ratio", 2), ("feature_ratio", 2), ("fsd_to_rerenders", 3),
-                                  ("colour_distance_to_reference", 3))]  # fmt: skip
+                                  ("colour_distance_to_reference", 3), ("reference_copy_ratio", 2))]  # fmt: skip
             rows.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
     if not rows:
         return []
@@ -268,10 +268,12 @@ def diversity_table(per_seed: list[dict]) -> list[str]:
         "## One map, many images (the spread of 4 draws per map, as a ratio to real re-renders of the map)",
         "",
         f"Real re-renders (the same layout, fresh textures): pixel L1 between draws {real_l1}, colour distance to "
-        f"the reference {real_col} (what an independent real draw gets; less: the samples copy the reference).",
+        f"the reference {real_col}. Copy ratio: colour distance to the reference over that to a re-render of the "
+        "map (~1: independent of the reference; below 1: the samples copy its appearance).",
         "",
-        "| model | samples' z_s | pixel spread ratio | feature spread ratio | FSD to re-renders | colour to reference |",
-        "|---|---|---|---|---|---|",
+        "| model | samples' z_s | pixel spread ratio | feature spread ratio | FSD to re-renders | colour to reference "
+        "| copy ratio |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

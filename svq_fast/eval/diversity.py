@@ -12,9 +12,10 @@ per map, the first `maps` held-out maps):
 map (images in [0, 1]), the mean pairwise L2 between their segmenter features (the pooled penultimate layer FSD
 uses), diversity-LPIPS when the LPIPS backbone is given, each as a ratio to the real re-renders'; coverage: FSD
 between all draws and all re-renders of the same maps (a row that draws one appearance, or copies the reference,
-covers the re-renders' spread badly); and the mean-colour distance to the reference image (per class present,
-L2 in [0, 1] RGB), which says how much a row copies the reference's appearance (a re-render's distance is what an
-independent real draw gets).
+covers the re-renders' spread badly); and the mean-colour distance (per class present, L2 in [0, 1] RGB) to the
+reference image and to a re-render of the map (draw i against re-render i+1 mod K): their ratio, the copy ratio, is
+about 1 for draws independent of the reference (the re-renders' own, by construction) and below 1 for draws that
+copy the reference's appearance.
 
 The z_x probe (ZxProbe): decode(z_s of map A, z_x of scene B) for B = the previous scene in the batch; on the
 pixels where A and B have the same class (>= PROBE_MIN_PIXELS of a class, and A's and B's mean colours there at
@@ -90,10 +91,13 @@ def class_mean_colours(images: torch.Tensor, labels: torch.Tensor, num_classes: 
 class Row:
     def __init__(self, feature_dim: int):
         self.pixel, self.feature, self.lpips, self.colour = MeanStat(), MeanStat(), MeanStat(), MeanStat()
+        self.colour_rr = MeanStat()  # the same distance to a re-render of the map
         self.features = FeatureStats(feature_dim) if feature_dim else None
 
     def states(self):
-        return [self.pixel, self.feature, self.lpips, self.colour] + ([self.features] if self.features else [])
+        return [self.pixel, self.feature, self.lpips, self.colour, self.colour_rr] + (
+            [self.features] if self.features else []
+        )
 
 
 class ZxProbe:
@@ -166,15 +170,17 @@ class Diversity:
             draws[OTHER] = tok.decode(zs[:m].repeat_interleave(k, 0), other, grid)
         rand = torch.randint(0, tok.image_vocab, (m * k, img.shape[1]), generator=gen, device=img.device)
         draws[RANDOM] = tok.decode(zs[:m].repeat_interleave(k, 0), rand, grid)
+        real = draws.get(REAL)
         for name, images in draws.items():
-            self._score(self.rows[name], quantize_uint8(images), x[:m], s[:m], nc)
+            self._score(self.rows[name], quantize_uint8(images), x[:m], s[:m], nc, real)
         if bsz > 1:
             for c, probe in self.probe.items():
                 decoded = quantize_uint8(tok.decode(sem[c], img.roll(1, 0), grid))
                 probe.update(decoded[:m], x[:m], x.roll(1, 0)[:m], s[:m], s.roll(1, 0)[:m], nc)
 
-    def _score(self, row: Row, images, x, s, num_classes: int) -> None:
-        """images (m K, 3, H, W) map-major, x (m, 3, H, W) the references, s (m, H, W)."""
+    def _score(self, row: Row, images, x, s, num_classes: int, real=None) -> None:
+        """images (m K, 3, H, W) map-major, x (m, 3, H, W) the references, s (m, H, W), real (m K, ...) the
+        re-renders (None: not synthetic)."""
         m, k = x.shape[0], self.draws
         per_map = images.view(m, k, *images.shape[1:])
         row.pixel.update(pairwise_mean(per_map, lambda a, b: ((a - b).abs() / 2).flatten(1).mean(1)))
@@ -184,10 +190,17 @@ class Diversity:
             row.features.update(feats)
         if self.lpips is not None:
             row.lpips.update(pairwise_mean(per_map, lambda a, b: self.lpips(a, b).flatten()))
-        cols, n = class_mean_colours(images, s.repeat_interleave(k, 0), num_classes)
-        ref, _ = class_mean_colours(x.repeat_interleave(k, 0), s.repeat_interleave(k, 0), num_classes)
+        labels = s.repeat_interleave(k, 0)
+        cols, n = class_mean_colours(images, labels, num_classes)
         present = n > 0
-        row.colour.update(((cols - ref).norm(dim=-1) * present).sum(1) / present.sum(1).clamp_min(1))
+
+        def distance(to: torch.Tensor) -> torch.Tensor:  # (m K,) mean over the classes present
+            other, _ = class_mean_colours(to, labels, num_classes)
+            return ((cols - other).norm(dim=-1) * present).sum(1) / present.sum(1).clamp_min(1)
+
+        row.colour.update(distance(x.repeat_interleave(k, 0)))
+        if real is not None:  # draw i of a map against re-render i + 1 mod K of it (never a re-render to itself)
+            row.colour_rr.update(distance(real.view(m, k, *real.shape[1:]).roll(-1, 1).flatten(0, 1)))
 
     def all_reduce(self) -> None:
         """Collective: every rank calls it, whether or not it scored diversity batches."""
@@ -229,6 +242,10 @@ class Diversity:
                     if seg
                     else no_seg,
                     "colour_distance_to_reference": row.colour.mean(),
+                    "colour_distance_to_rerenders": row.colour_rr.mean() if have_real else NO_RERENDERS,
+                    "reference_copy_ratio": row.colour.mean() / row.colour_rr.mean()
+                    if have_real and row.colour_rr.count and row.colour_rr.mean() > 0
+                    else NO_RERENDERS,
                 }
             )
         return {

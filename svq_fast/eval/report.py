@@ -153,19 +153,23 @@ def diversity_markdown(d: dict) -> list[str]:
         f"Spread: mean pairwise distance between the draws of one map (pixel L1 in [0, 1]; L2 of segmenter "
         f"features; diversity-LPIPS), and its ratio to the real re-renders' (the same layout with fresh textures: "
         f"{d['rerenders']}). FSD to re-renders: all draws against all re-renders of the same maps (coverage). Colour "
-        f"to reference: per class, the draws' mean colour against the real image of the map (L2 in [0, 1] RGB; a "
-        f"re-render's is what an independent real draw gets, a smaller one copies the reference). The decode rows "
-        f"use z_s of kind {d['decode_rows_condition']!r}.",
+        f"to reference / to re-renders: per class, the draws' mean colour against the real image of the map, and "
+        f"against a re-render of it (L2 in [0, 1] RGB); copy ratio: the first over the second, ~1 for draws "
+        f"independent of the reference, below 1 for draws that copy its appearance. The decode rows use z_s of kind "
+        f"{d['decode_rows_condition']!r}.",
         "",
-        "| images | maps | pixel L1 | ratio | feature L2 | ratio | LPIPS | ratio | FSD to re-renders | colour to reference |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| images | maps | pixel L1 | ratio | feature L2 | ratio | LPIPS | ratio | FSD to re-renders | colour to "
+        "reference | to re-renders | copy ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in d["rows"]:
         lpips = "n/a" if isinstance(r["lpips"], str) else _fmt(r["lpips"], 3)
         lpips_ratio = "n/a" if isinstance(r["lpips_ratio"], str) else _fmt(r["lpips_ratio"], 2)
         cells = [r["images"], str(r["maps"]), _fmt(r["pixel_l1"], 3), _ratio(r["pixel_ratio"]),
                  _fmt(r["feature_l2"], 3), _ratio(r["feature_ratio"]), lpips, lpips_ratio,
-                 _fmt(r["fsd_to_rerenders"], 3), _fmt(r["colour_distance_to_reference"], 3)]  # fmt: skip
+                 _fmt(r["fsd_to_rerenders"], 3), _fmt(r["colour_distance_to_reference"], 3),
+                 _fmt(r.get("colour_distance_to_rerenders", "n/a"), 3),
+                 _fmt(r.get("reference_copy_ratio", "n/a"), 2)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if d["rows"] and isinstance(d["rows"][0]["lpips"], str):
         lines += ["", f"LPIPS: {d['rows'][0]['lpips']}."]

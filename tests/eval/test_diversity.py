@@ -61,3 +61,20 @@ def test_rerenders_of_held_out_shards(tmp_path):
         rr.render(batch["key"], 2, wrong)
     with pytest.raises(ValueError, match="not a synthetic scene"):
         rr.render(["ade-0001"], 2, batch["label"][:1])
+
+
+def test_copy_ratio_is_zero_for_copies_and_near_one_for_independent_draws():
+    from svq_fast.eval.diversity import Diversity, Row
+
+    div = Diversity.__new__(Diversity)  # _score needs only the draw count and the (absent) metric networks
+    div.draws, div.segmenter, div.lpips = 2, None, None
+    torch.manual_seed(0)
+    s = torch.randint(0, 3, (2, 8, 8))
+    x = torch.rand(2, 3, 8, 8) * 2 - 1  # the references
+    real = torch.rand(4, 3, 8, 8) * 2 - 1  # two re-renders per map
+    copies, independent = Row(0), Row(0)
+    div._score(copies, x.repeat_interleave(2, 0), x, s, 3, real)
+    div._score(independent, torch.rand(4, 3, 8, 8) * 2 - 1, x, s, 3, real)
+    assert copies.colour.mean() == 0 and copies.colour_rr.mean() > 0.05
+    ratio = independent.colour.mean() / independent.colour_rr.mean()
+    assert 0.7 < ratio < 1.4
