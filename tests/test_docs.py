@@ -1,4 +1,4 @@
-"""The docs stay true: README.md, docs/*.md and benchmarks/README.md name only things that exist.
+"""The docs stay true: README.md, docs/*.md and benchmarks/README.md name only things that exist (issue 31).
 
 - every relative link (and its #anchor, when it points into a markdown file) resolves;
 - every repository path named in the text (csrc/..., svq_fast/..., recipes/..., benchmarks/..., tests/..., docs/...,
@@ -7,7 +7,8 @@
 - every flag given to a repository script in a code block exists: argparse flags are read from the script's
   `add_argument` calls (by `ast`, without importing torch), shell scripts' from their `case` patterns, and the
   training recipes' `--section.field=` overrides from the typed config dataclasses (svq_fast/config.py; `--config
-  NAME` from svq_fast/named_configs.py); every `--section.field` written anywhere in the docs is a config field too.
+  NAME` from svq_fast/named_configs.py); every `--section.field` written anywhere in the docs is a config field too,
+  and every other `--flag` in inline code is accepted by some script here or by a launcher the docs show.
 
 The checker runs on a root folder, so the tests at the end plant a broken link, a renamed file, an unknown make
 target and an unknown flag in a temporary copy of the docs and check that each is reported.
@@ -256,10 +257,39 @@ def check_flags(doc: Path, root: Path) -> list[str]:
     return errors
 
 
+# flags of the launchers and tools the docs show around our scripts (deepspeed, torchrun, accelerate, pip, tensorboard)
+EXTERNAL_FLAGS = set(
+    "--num_gpus --num_nodes --hostfile --nnodes --node_rank --nproc_per_node --rdzv-backend --rdzv-endpoint "
+    "--multi_gpu --num_processes --no-build-isolation --target --logdir --help --fail".split()
+)
+_WORD_FLAG = re.compile(r"(?<![\w.-])(--[a-z][a-z0-9_-]*[a-z0-9])(?![\w.])")
+
+
+@functools.cache
+def _all_script_flags(root: Path) -> frozenset[str]:
+    """Every flag some repository script accepts, and the run configs' top-level fields (--stage1, --condition)."""
+    flags = set()
+    for pattern in ("recipes/**/*.py", "benchmarks/*.py", "benchmarks/*.sh", "svq_fast/**/*.py"):
+        for path in root.glob(pattern):
+            if path.suffix == ".sh" or "add_argument" in path.read_text():
+                flags |= script_flags(path) or set()
+    for cfg in _config_roots().values():
+        flags |= {"--" + f.name for f in dataclasses.fields(cfg) if not dataclasses.is_dataclass(getattr(cfg, f.name))}
+    return frozenset(flags | {"--config", "--profile"})
+
+
+def check_prose_flags(doc: Path, root: Path) -> list[str]:
+    """A flag in inline code (`--window-stride`) is one that some script of ours, or a launcher, accepts."""
+    known = _all_script_flags(root) | EXTERNAL_FLAGS
+    spans = _INLINE.findall(without_code_blocks(doc.read_text()))
+    found = {f for span in spans for f in _WORD_FLAG.findall(span)}
+    return [f"{doc.relative_to(root)}: `{f}` is a flag of no script here" for f in sorted(found - known)]
+
+
 def check_all(root: Path) -> list[str]:
     errors = []
     for doc in doc_files(root):
-        for check in (check_links, check_paths, check_make, check_flags):
+        for check in (check_links, check_paths, check_make, check_flags, check_prose_flags):
             errors += check(doc, root)
     return errors
 
@@ -277,7 +307,9 @@ def test_readme_is_a_front_page():
     assert n <= README_MAX_LINES, f"README.md has {n} lines (at most {README_MAX_LINES}); move topics to docs/"
 
 
-@pytest.mark.parametrize("check", [check_links, check_paths, check_make, check_flags], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "check", [check_links, check_paths, check_make, check_flags, check_prose_flags], ids=lambda c: c.__name__
+)
 def test_docs_name_only_what_exists(check):
     errors = [e for doc in doc_files(ROOT) for e in check(doc, ROOT)]
     assert not errors, "\n".join(errors)
@@ -346,8 +378,9 @@ def test_checker_passes_the_copy(tmp_repo):
         ),
         ("```bash\ndeepspeed recipes/train_transformer.py --config=gpt_nope\n```", "no such named config"),
         ("Resume with `--run.resumee=auto`.", "--run.resumee is not a field"),
+        ("Pass `--window-strides 4`.", "`--window-strides` is a flag of no script here"),
     ],
-    ids=["link", "anchor", "path", "make", "flag", "config-field", "config-name", "prose-field"],
+    ids=["link", "anchor", "path", "make", "flag", "config-field", "config-name", "prose-field", "prose-flag"],
 )
 def test_checker_fails_on_a_planted_error(tmp_repo, planted, expected):
     _plant(tmp_repo, planted)
