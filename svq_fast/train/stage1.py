@@ -11,7 +11,6 @@ partitioned and gathered by module hooks) it runs the module with requires_grad 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from contextlib import contextmanager
 
@@ -48,16 +47,6 @@ def _frozen(module: torch.nn.Module):
     finally:
         for p, f in zip(module.parameters(), flags):
             p.requires_grad_(f)
-
-
-def _gathered(engine):
-    """The engine's module with every weight whole for the block: ZeRO-3 partitions them (gathered here, read-only);
-    a no-op at ZeRO 0-2."""
-    if engine.zero_optimization_stage() != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
 def generator_adv_logits(disc_engine, x_hat: torch.Tensor) -> torch.Tensor:
@@ -263,16 +252,14 @@ class Stage1(Stage):
     @torch.no_grad()
     def discriminator_health(self) -> dict[str, torch.Tensor]:
         """Mean discriminator logit on the fixed held-out batch's real images and on their reconstructions (the
-        model in eval mode): a discriminator that has learned something scores the real ones higher. The generator
-        is called outside its engine, so under ZeRO-3 its partitioned weights are gathered for the call (the
-        quantizers read their codebooks from a child module that is never called itself)."""
+        model in eval mode): a discriminator that has learned something scores the real ones higher. Under ZeRO-3
+        the module's own hooks gather its partitions, also outside the engine (tests/train/test_zero3_gan.py)."""
         m, disc = self.model, self.disc.module
         x, s = self.heldout["image"].to(self.dev, self.dtype), self.heldout["label"].to(self.dev)
         was_training = m.training
         m.eval()
         try:
-            with _gathered(self.gen):
-                x_hat = m(x, s if m.has_semantic else None)["x_hat"]
+            x_hat = m(x, s if m.has_semantic else None)["x_hat"]
         finally:
             m.train(was_training)
         real, fake = disc(x).float().mean(), disc(x_hat).float().mean()
