@@ -472,6 +472,12 @@ def validate(cfg: Any) -> None:
                 f"loss.image_class_balance={cfg.loss.image_class_balance} weights pixels by their class in the "
                 f"semantic map, which model.kind={m.kind!r} does not take; use a model with the semantic branch or 0"
             )
+        if cfg.zero.stage == 3 and cfg.loss.gan and m.kind != "semantic" and cfg.loss.disc_warmup < 1:
+            raise ConfigError(
+                f"zero.stage=3 with the GAN needs loss.disc_warmup >= 1 (got {cfg.loss.disc_warmup}): under ZeRO-3 the "
+                "generator's adversarial pass calls the discriminator outside its engine, which fails until the "
+                "discriminator engine has taken a step of its own ('weight should have at least three dimensions')"
+            )
         if cfg.loss.lecam_weight < 0 or not 0.0 <= cfg.loss.lecam_decay < 1.0:
             raise ConfigError("loss.lecam_weight must be >= 0 and loss.lecam_decay in [0, 1)")
     if isinstance(cfg, Stage2Config):

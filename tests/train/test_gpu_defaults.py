@@ -67,3 +67,13 @@ def test_bf16_outputs_leave_autocast_in_fp32_except_activations_kept_for_a_later
     out = _outputs_to_fp32(None, (), {"x_hat": bf16, "vq_loss_x": bf16, "x_hat_hidden": bf16})
     assert out["x_hat"].dtype == out["vq_loss_x"].dtype == torch.float32
     assert out["x_hat_hidden"] is bf16  # no fp32 copy of a full-resolution activation every step
+
+
+def test_zero3_gan_without_a_discriminator_warmup_is_refused_with_the_reason(capsys):
+    from svq_fast.cli import parse
+    from svq_fast.config import Stage1Config
+
+    with pytest.raises(SystemExit):
+        parse(["--zero.stage=3", "--loss.disc_start=0", "--loss.disc_warmup=0"], "svqgan_tiny", Stage1Config)
+    assert "zero.stage=3 with the GAN needs loss.disc_warmup >= 1 (got 0)" in capsys.readouterr().err
+    parse(["--zero.stage=3", "--loss.disc_start=2", "--loss.disc_warmup=1"], "svqgan_tiny", Stage1Config)
