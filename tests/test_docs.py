@@ -332,6 +332,18 @@ def test_every_doc_is_reachable_from_the_readme():
     assert not orphans, f"no link from README.md leads to {orphans}"
 
 
+def test_every_make_target_and_knob_is_documented():
+    """What a user can run or set from the Makefile and the demo script is named in some doc."""
+    docs = "\n".join(p.read_text() for p in doc_files(ROOT))
+    makefile = (ROOT / "Makefile").read_text()
+    targets = {t for t in make_targets(ROOT / "Makefile") if not t.startswith(".")}
+    knobs = set(re.findall(r"^([A-Z_]+) \?=", makefile, re.M))
+    knobs |= set(re.findall(r"\$\{([A-Z_]+):[-+]", (ROOT / "recipes" / "demo.sh").read_text()))
+    missing = sorted(f"make {t}" for t in targets if f"make {t}" not in docs)
+    missing += sorted(k for k in knobs if not re.search(rf"\b{k}\b", docs))
+    assert not missing, f"not in README.md or docs/: {missing}"
+
+
 # ------------------------------------------------------------------------------------------------ the checker
 
 
