@@ -109,3 +109,23 @@ def test_eager_baseline_runs_the_adaptive_weight_passes_and_names_its_peak(monke
     assert len(calls) == 2 * 3  # two passes per step, warm-up included
     out = json.loads(row.read_text())
     assert out["mfu_peak"].startswith("CPU, measured fp32") and out["mfu"] > 0 and out["mfu_measured_peak"] > 0
+
+
+def test_stack_is_timed_at_its_log_cadence_from_past_the_warmup(monkeypatch):
+    # issue 28 items 2 and 7: the stack's rate was the mean of --log.every=1 windows (every step synchronised and
+    # reduced), the first ones holding the cold compiles; now one window between log steps past the warm-up
+    syncs = []
+    monkeypatch.setattr(bench_train.torch.cuda, "synchronize", lambda *a: syncs.append(1))
+    clock = bench_train._Clock(log_every=10, warmup=3, device="cuda")
+    for step in range(1, 26):  # the loop calls after_step on every step but the last
+        clock(step)
+    assert [s for s, _ in clock.marks] == [10, 20] and len(syncs) == 2  # once per log window, as the loop logs
+    steps, seconds = clock.steady()
+    assert steps == 10 and seconds >= 0
+    short = bench_train._Clock(log_every=10, warmup=3, device="cpu")
+    for step in range(1, 15):
+        short(step)
+    assert short.steady() == (0, 0.0)  # one log step past the warm-up: no window (measure() raises, naming why)
+    # the first log window's time beyond the same steps at the steady rate: the compile
+    hist = [{"step": 10, "throughput/samples_per_s": 8 * 10 / 25.0}]  # 10 steps of 8 samples in 25 s
+    assert bench_train._compile_seconds(hist, 8, 0.5) == pytest.approx(20.0)
