@@ -1,7 +1,9 @@
 """Device-to-host reads per training step, counted on CPU (svq_fast/train/host_reads.py) over two runs of different
 length: a step that does not log may read at most what its collective decisions need (stage 1: the generator's and
 the discriminator's skip-or-not, with the stop request riding along; stage 2: one). Runs the GPU path's settings
-(fused AdamW, DeepSpeed's norm kept on the device); before this budget existed a step read 41 (stage 1) / 7 (stage 2)
+(fused AdamW, DeepSpeed's norm kept on the device) with the pure-torch VQ (`quantizer.backend=ref`): the native CPU
+op's backward reads its two upstream-gradient scalars (free on a CPU, the only device it runs on), while the GPU's
+Triton backward takes them as tensors, as the reference does. Before this budget existed a step read 41 (stage 1) / 7 (stage 2)
 values: every logged scalar, the quantizers' usage statistics and dead-code search, DeepSpeed's norm checks, AdamW's
 step counts."""
 
@@ -29,6 +31,7 @@ def stage1_cfg(data, out, steps):
     cfg.model.ch = 16
     cfg.loss.disc_start, cfg.loss.disc_warmup = 0, 0  # the GAN from step 0: both engines step every micro-batch
     cfg.quantizer.restart_every = 10  # > LONG
+    cfg.quantizer.backend = "ref"  # the sync-free path, as Triton's on a GPU (see the module docstring)
     return cfg
 
 
