@@ -327,8 +327,6 @@ class _Config(NamedTuple):
     restart_every: int
 
 
-
-
 def _code_counts(indices: torch.Tensor, k: int) -> torch.Tensor:
     """(N,) codes in [0, K) -> (K,) int64 counts (bincount's output size depends on the data; this one does not)."""
     return torch.zeros(k, device=indices.device, dtype=torch.int64).index_add_(0, indices, torch.ones_like(indices))
