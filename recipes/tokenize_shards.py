@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             stage1=args.stage1,
             stage1_semantic=args.stage1_semantic,
             source=args.shards,
-            condition=args.condition,
+            condition=tok.condition,
         )
         print(
             f"wrote {index['num_samples']} token sequences ({grid}x{grid} + {grid}x{grid}) in "

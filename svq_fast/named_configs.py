@@ -189,7 +189,8 @@ def gpt_tiny() -> Stage2Config:
     per token, the condition worth 0.287 / 0.408 / 0.460 / 0.474 bits, samples at 38.3 / 39.0 / 38.8 / 38.7% seg.
     mIoU and FSD 3.74 / 3.57 / 3.45 / 3.42; 450 steps at 1e-3 reach 4.714 bits, 39.2% and 3.35 for 1.5x the time.
     The tiny GPT takes 3e-3, for this global batch of 16; at batch 8 in one process it raised three of the synthetic
-    tables' four GPTs' NLL, so that experiment keeps 1e-3 (its STAGE2_LR)."""
+    tables' four GPTs' NLL, so that experiment keeps 1e-3 (its STAGE2_LR).
+    Map-only z_s (`condition`), top-k 50 (20 above: the reference condition's): results/issue29_condition_cpu/."""
     return Stage2Config(
         model=GPTConfig(
             image_vocab=1024, semantic_vocab=4096, grid=16, n_layer=4, n_head=4, n_embd=128, aligned_condition=True
@@ -205,7 +206,8 @@ def gpt_tiny() -> Stage2Config:
             warmup_steps=20,
             lr_schedule="cosine",
         ),
-        sample=SampleConfig(top_k=20),
+        condition="map",
+        sample=SampleConfig(top_k=50),
         run=RunConfig(name="gpt_tiny", out_dir="runs/gpt_tiny"),
     )
 

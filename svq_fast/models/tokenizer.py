@@ -23,7 +23,7 @@ class Tokenizer:
                 "(set stage1_semantic to a semantic VQVAE export)"
             )
         self.image_model, self.semantic_model = image_model, semantic_model
-        self.condition = condition
+        self.condition = "map" if semantic_model is not None else condition  # a separate model reads the map alone
 
     @property
     def semantic_vocab(self) -> int:

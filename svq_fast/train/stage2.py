@@ -101,7 +101,7 @@ def token_train_loader(cfg: Stage2Config, rank: int, world: int):
             f"token shards {cfg.data.token_shards} hold (image vocab, semantic vocab, grid) = {found}, "
             f"the GPT config has {(g.image_vocab, g.semantic_vocab, g.grid)}"
         )
-    if index.get("condition", "reference") != cfg.condition:
+    if not cfg.stage1_semantic and index.get("condition", "reference") != cfg.condition:  # separate: map either way
         raise ValueError(
             f"token shards {cfg.data.token_shards} hold z_s tokens of condition {index.get('condition', 'reference')!r}"
             f", the GPT config has condition={cfg.condition!r}: tokenize with --condition {cfg.condition} or set "

@@ -39,3 +39,9 @@ def test_condition_is_checked_and_defaults_to_the_paper():
     assert Stage2Config().condition == "reference"
     with pytest.raises(ValueError, match="condition"):
         Tokenizer(_coupled_model(), condition="image")
+
+
+def test_a_separate_semantic_model_is_a_map_condition():
+    image = _coupled_model()
+    semantic = _coupled_model()
+    assert Tokenizer(image, semantic, condition="reference").condition == "map"
