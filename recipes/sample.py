@@ -3,9 +3,10 @@
     python recipes/sample.py --gpt runs/demo/stage2/export --out runs/demo/samples --num-maps 6 --samples-per-map 3
     python recipes/sample.py --gpt runs/demo/stage2/export --out runs/my_samples --maps my_maps/ --samples-per-map 2
 
-Maps from held-out shards (the default; --shards, default: the synthetic val split). --condition reference (the
-default) encodes z_s from (reference image, map) as in the paper; --condition map encodes it from the map alone
-(`encode_semantic`, as the synthesis page does), so no appearance of the reference leaks into the samples.
+Maps from held-out shards (the default; --shards, default: the synthetic val split). --condition reference encodes
+z_s from (reference image, map) as in the paper; --condition map encodes it from the map alone (`encode_semantic`,
+as the synthesis page does), so no appearance of the reference leaks into the samples; default: the condition the
+GPT was trained on (its config's `condition`).
 Writes grid.png (rows: semantic map | reference | samples), one PNG per sample, and settings.json.
 
 Maps from files (--maps PATH: a label PNG, a folder of them or a .txt list; svq_fast/data/label_files.py reads
@@ -68,9 +69,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--condition",
         choices=CONDITIONS,
-        default="reference",
-        help="z_s from (reference image, map) as in the paper, or from the map alone (encode_semantic); "
-        "--maps: always the map alone",
+        default=None,
+        help="z_s from (reference image, map) as in the paper, or from the map alone (encode_semantic); default: "
+        "the GPT's own (its config's condition); --maps: always the map alone",
     )
     p.add_argument(
         "--allow-stage1-mismatch",
@@ -257,6 +258,7 @@ def main(argv=None) -> int:
     ):
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(cfg.sample, field))
+    args.condition = args.condition or cfg.condition  # what the GPT was trained on
     tokenizer = load_tokenizer(cfg, dev, allow_stage1_mismatch=args.allow_stage1_mismatch)
     return (from_files if args.maps else from_shards)(args, gpt, cfg, tokenizer, dev)
 

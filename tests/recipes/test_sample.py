@@ -114,6 +114,28 @@ def test_condition_flag_picks_where_z_s_comes_from(exports, tmp_path, condition)
         assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
 
 
+def test_default_condition_is_the_gpts_own(exports, tmp_path):
+    """Issue 29: a GPT trained on map-only z_s (config condition "map") samples map-only unless told otherwise."""
+    from svq_fast.export import read_export
+
+    cfg, tensors = read_export(exports["gpt"])
+    cfg.condition = "map"
+    export_model(tensors, cfg, str(tmp_path / "gpt_map"))
+    common = ["--out", None, "--shards", exports["shards"], "--num-maps", "2", "--samples-per-map", "1", "--seed", "3"]
+    for name, extra in (("default", ["--gpt", str(tmp_path / "gpt_map")]),
+                        ("map", ["--gpt", exports["gpt"], "--condition", "map"]),
+                        ("reference", ["--gpt", str(tmp_path / "gpt_map"), "--condition", "reference"])):
+        args = list(common)
+        args[1] = str(tmp_path / name)
+        assert load_recipe().main(args + extra) == 0
+    assert json.loads((tmp_path / "default" / "settings.json").read_text())["condition"] == "map"
+    batch = _first_maps(exports["shards"], 2)
+    for key in batch["key"]:
+        default, by_map, by_ref = (np.asarray(Image.open(tmp_path / n / f"{key}_sample0.png"))
+                                   for n in ("default", "map", "reference"))  # fmt: skip
+        assert np.array_equal(default, by_map) and not np.array_equal(default, by_ref)
+
+
 def _save(path, array):
     Image.fromarray(array).save(path)
     return str(path)
