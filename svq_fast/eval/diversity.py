@@ -88,6 +88,11 @@ def class_mean_colours(images: torch.Tensor, labels: torch.Tensor, num_classes: 
     return onehot.transpose(1, 2) @ rgb / counts.clamp_min(1)[..., None], counts
 
 
+def _nonnegative(v):
+    """A Frechet distance of identical statistics comes out as -1e-16 from round-off: report it as 0."""
+    return max(v, 0.0) if isinstance(v, float) else v
+
+
 class Row:
     def __init__(self, feature_dim: int):
         self.pixel, self.feature, self.lpips, self.colour = MeanStat(), MeanStat(), MeanStat(), MeanStat()
@@ -238,9 +243,8 @@ class Diversity:
                     "feature_ratio": ratio(row.feature, real.feature) if seg else no_seg,
                     "lpips": row.lpips.mean() if self.lpips is not None else no_lpips,
                     "lpips_ratio": ratio(row.lpips, real.lpips) if self.lpips is not None else no_lpips,
-                    "fsd_to_rerenders": (frechet_or_na(row.features, real.features) if have_real else NO_RERENDERS)
-                    if seg
-                    else no_seg,
+                    "fsd_to_rerenders": (_nonnegative(frechet_or_na(row.features, real.features)) if have_real
+                                         else NO_RERENDERS) if seg else no_seg,  # fmt: skip
                     "colour_distance_to_reference": row.colour.mean(),
                     "colour_distance_to_rerenders": row.colour_rr.mean() if have_real else NO_RERENDERS,
                     "reference_copy_ratio": row.colour.mean() / row.colour_rr.mean()
