@@ -274,8 +274,10 @@ def count_samples(url: str, timeout: float = 60.0) -> int:
 
 def count_readable(url: str, timeout: float = 60.0) -> tuple[int, str]:
     """(samples that can be read from the start of a shard, '' or why the rest cannot: the error names the URL).
-    An empty file or random bytes give (0, "...: unreadable after sample 0 (ReadError: empty file)"); a shard cut
-    inside sample k gives the k whole samples before it (the one being read when it broke is not counted)."""
+    An empty file or random bytes give (0, "...: unreadable after sample 0 (ReadError: empty file)"); for a shard
+    cut short the count is what iter_samples yields from it (whole samples before the cut; it withholds the last
+    one when it cannot tell whether more of its members would have followed), so a loader planning that many reads
+    them all."""
     try:
         stream = open_url(url, timeout)
     except OSError as e:
@@ -294,11 +296,18 @@ def count_readable(url: str, timeout: float = 60.0) -> tuple[int, str]:
             for _ in files:
                 pass
         except (tarfile.TarError, OSError, EOFError) as e:
-            whole = max(counter.seen - 1, 0)
-            return whole, f"{url}: unreadable after sample {whole} ({_why(e)})"
-        return counter.seen, ""
+            error = e
+        else:
+            return counter.seen, ""
     finally:
         _close(stream)
+    whole = 0  # damaged: count what the reader itself yields (reads the data once; only for a damaged shard)
+    try:
+        for _ in iter_samples(url, timeout=timeout):
+            whole += 1
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        pass
+    return whole, f"{url}: unreadable after sample {whole} ({_why(error)})"
 
 
 def read_bytes(url: str, faults: FaultPolicy) -> bytes:
