@@ -344,6 +344,24 @@ def test_every_make_target_and_knob_is_documented():
     assert not missing, f"not in README.md or docs/: {missing}"
 
 
+def test_named_config_docstrings_are_short_and_name_real_results():
+    """A named config's docstring says what it is for and names its results file (<= 12 lines, issue 31); the
+    measured history lives in that file."""
+    import inspect
+
+    from svq_fast.named_configs import CONFIGS
+
+    errors = []
+    for name, fn in CONFIGS.items():
+        doc = inspect.getdoc(fn) or ""
+        if len(doc.splitlines()) > 12:
+            errors.append(f"{name}: docstring of {len(doc.splitlines())} lines (at most 12)")
+        for rel in re.findall(r"benchmarks/results/[\w./-]*[\w/]", doc):
+            if not path_exists(ROOT, rel):
+                errors.append(f"{name}: names {rel}, which does not exist")
+    assert not errors, "\n".join(errors)
+
+
 # ------------------------------------------------------------------------------------------------ the checker
 
 
