@@ -157,14 +157,16 @@ def time_sampling(gpt, sem, mode: str, n: int, reps: int, guidance: float = 1.0)
     return sorted(times)[len(times) // 2]
 
 
-def time_window(gpt, sem, shape, n: int, reps: int, use_cache: bool) -> float:
+def time_window(gpt, sem, shape, n: int, reps: int, use_cache: bool, guidance: float = 1.0) -> float:
     """Median seconds of one sliding-window sampling call over the first n tokens of a shape = (h, w) grid."""
     times = []
     for r in range(reps):
         gen = torch.Generator(sem.device).manual_seed(r)
         sync(sem.device)
         t0 = time.perf_counter()
-        sample_image_tokens_window(gpt, sem, shape, generator=gen, num_tokens=n, use_cache=use_cache)
+        sample_image_tokens_window(
+            gpt, sem, shape, generator=gen, num_tokens=n, use_cache=use_cache, guidance_scale=guidance
+        )
         sync(sem.device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
@@ -184,7 +186,7 @@ def window_rows(args, gpt, cfg, device, info) -> list[dict]:
             t_k = {}
             for mode, n in (("window-full", k), ("window", k), ("window", shape[0] * shape[1])):
                 load0 = loadavg()
-                t = time_window(gpt, sem, shape, n, args.reps, use_cache=mode == "window")
+                t = time_window(gpt, sem, shape, n, args.reps, use_cache=mode == "window", guidance=args.guidance)
                 if n == k:
                     t_k[mode] = t
                 rows.append(
