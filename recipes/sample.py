@@ -14,12 +14,14 @@ them): 8-bit class ids of the model's label space (mode L or P; --label-space na
 checked against the model's), an RGB PNG in its palette, or a dataset's own ids (--from-dataset ade20k, ...: the
 table make_shards converts that dataset with; the model must be in the unified space). Files have no reference
 image: z_s always comes from the map alone. Any size whose sides are multiples of the stage-1 downsampling factor
-and at least the training size: larger or non-square maps are encoded whole and their image tokens sampled by a
-sliding window of the GPT's grid (svq_fast/eval/sliding_window.py; --window-stride). Maps of one size are batched
-(--batch-size maps at a time, each batch's generator seeded with --seed + its number). Writes one folder per map
-(sample{j}.png, map.png: the map as read in the palette, understood.png: the semantic decoder's reading of z_s, the
-map the GPT was conditioned on, settings.json) and grid_<H>x<W>.png per size (rows: map | understood | samples). A
-file that cannot be used is reported with the reason and skipped; the exit status is 1 if any map failed.
+and at least the training size: larger or non-square maps are encoded whole (the stage-1 models' mid attention
+blocks then attend over the whole larger latent grid) and their image tokens sampled by a sliding window of the
+GPT's grid (svq_fast/eval/sliding_window.py; --window-stride; benchmarks/results/sampling_any_size_cpu/). Maps of
+one size are batched (--batch-size maps at a time, each batch's generator seeded with --seed + its number).
+Writes one folder per map (sample{j}.png, map.png: the map as read in the palette, understood.png: the semantic
+decoder's reading of z_s, the map the GPT was conditioned on, settings.json) and grid_<H>x<W>.png per size (rows:
+map | understood | samples). A file that cannot be used is reported with the reason and skipped; the exit status
+is 1 if any map failed.
 """
 
 from __future__ import annotations
