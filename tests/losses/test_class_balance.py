@@ -142,10 +142,10 @@ def test_stage1_weights_the_image_terms_by_the_map_only_when_asked():
     _, _, before = stage.image_terms(out, x, s, step=0)
     stage.image_class_weight[1] = 5.0
     _, _, rare_up = stage.image_terms(out, x, s, step=0)
-    assert rare_up["rec"] == pytest.approx(before["rec"], rel=1e-6)
+    assert rare_up["rec"].item() == pytest.approx(before["rec"].item(), rel=1e-6)
     stage.image_class_weight[0] = 2.0  # every error is on class 0's pixels: the pixel loss doubles
     _, _, common_up = stage.image_terms(out, x, s, step=0)
-    assert common_up["rec"] == pytest.approx(2 * before["rec"], rel=1e-6)
+    assert common_up["rec"].item() == pytest.approx(2 * before["rec"].item(), rel=1e-6)
 
 
 def test_image_class_balance_needs_the_semantic_branch():

@@ -59,6 +59,6 @@ def test_stage1_adds_the_weighted_term_to_the_image_loss():
     assert "texture" not in logs
     cfg.loss.texture_weight = 2.0
     _, with_texture, logs = stage.image_terms(out, x, None, step=0)
-    expected = logs["rec"] + 2.0 * texture_loss(out["x_hat"], x).item()
-    assert logs["texture"] > 0 and with_texture.item() == pytest.approx(expected, rel=1e-5)
-    assert with_texture.item() == pytest.approx(plain.item() + 2.0 * logs["texture"], rel=1e-5)
+    expected = logs["rec"].item() + 2.0 * texture_loss(out["x_hat"], x).item()  # logs are device tensors
+    assert logs["texture"].item() > 0 and with_texture.item() == pytest.approx(expected, rel=1e-5)
+    assert with_texture.item() == pytest.approx(plain.item() + 2.0 * logs["texture"].item(), rel=1e-5)
