@@ -275,7 +275,7 @@ def announce_failure(error: BaseException) -> None:
     store = _store() if is_multi_rank() else None
     if store is None:
         return
-    _peer_watch["self_failed"] = True
+    _peer_watch["stopped"] = True
     text = f"rank {rank()}: {type(error).__name__}: {error}"
     try:
         if store.check([FAILURE_KEY]):
@@ -300,11 +300,13 @@ def watch_peers(interval: float = PEER_POLL_SECONDS) -> None:
     def poll() -> None:
         while True:
             time.sleep(interval)
+            if _peer_watch.get("stopped"):  # this rank is done or failing itself: the store may go any moment
+                return
             try:
                 failed = store.check([FAILURE_KEY])
             except (RuntimeError, OSError):  # the store went away: the job is ending; the launcher takes over
                 return
-            if not failed or _peer_watch.get("self_failed"):
+            if not failed:
                 continue
             try:
                 text = store.get(FAILURE_KEY).decode(errors="replace")
@@ -324,14 +326,17 @@ def watch_peers(interval: float = PEER_POLL_SECONDS) -> None:
 
 class fail_together:
     """Context manager around a rank's work: an exception inside it (other than a clean SystemExit(0)) is announced
-    to every rank before it propagates, so the others stop within PEER_POLL_SECONDS with this rank's error."""
+    to every rank before it propagates, so the others stop within PEER_POLL_SECONDS with this rank's error. Leaving
+    it, by an error or not, ends this rank's watching."""
 
     def __enter__(self):
+        _peer_watch["stopped"] = False
         return self
 
     def __exit__(self, kind, error, tb):
         if error is not None and not (isinstance(error, SystemExit) and error.code in (0, None)):
             announce_failure(error)
+        _peer_watch["stopped"] = True  # done here: stop polling a store that rank 0 takes down when it exits
         return False
 
 
