@@ -52,6 +52,8 @@ class MetricsWindow:
     def reduce(self, tensorboard_seconds: float) -> tuple[dict[str, float], dict[str, float]]:
         """Collective: -> (rank-mean losses, every other scalar) of the window (the caller then reset()s it).
         tensorboard_seconds: the logger's total writer time so far (its share of this window is reported)."""
+        if self.dev.type == "cuda":  # the window's queued work belongs to it: steps do not synchronise any more
+            torch.cuda.synchronize(self.dev)
         elapsed = time.perf_counter() - self.t0
         stage = self.stage
         losses = all_reduce_mean_tensors(self.mean_tensors())

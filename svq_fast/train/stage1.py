@@ -112,6 +112,9 @@ class Stage1(Stage):
         x, s = (x if m.has_image else None), (s if m.has_semantic else None)
         with self.timer("forward"):
             out = self.gen(x, s)
+        cfg = self.cfg.loss
+        if not (self.disc is not None and cfg.adaptive_weight and step >= cfg.disc_start):
+            out.pop("x_hat_hidden", None)  # unused this step: do not keep a full-resolution activation alive for it
         loss, reported, logs = self.generator_loss(out, x, s, step)
         if not self.generator_step(loss, reported):
             return {}  # every rank skips this micro-batch (the loop counts it and may stop the run)
