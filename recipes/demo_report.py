@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--timings", default="", help="JSON file of stage timings written by demo.sh")
-    p.add_argument("--shards", default="", help="held-out synthetic shards of the samples (default <run-dir>/data/64px/val)")
+    p.add_argument(
+        "--shards", default="", help="held-out synthetic shards of the samples (default <run-dir>/data/64px/val)"
+    )
     args = p.parse_args(argv)
     run = args.run_dir
     rec = _load_metrics(os.path.join(run, "eval", "stage1", "metrics.json"))

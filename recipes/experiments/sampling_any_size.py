@@ -11,7 +11,8 @@ at the model's size (64) and at 128 (the same generator, `size=128`; 64x128 maps
   boundaries where consecutive tokens change window, divided by the same mean over (a) every other pair of
   neighbouring pixels (the issue's measure) and (b) the token boundaries within two tokens of each seam that do not
   change window (pixel pairs at a multiple of the downsampling factor: the decoder's own grid, at the same place in
-  the image, so only the window change differs; the image's gradient level varies across it); target <= 1.2. The same ratios on the real 128 scenes at the same positions are the control (no seams there).
+  the image, so only the window change differs; the image's gradient level varies across it); target <= 1.2.
+  The same ratios on the real 128 scenes at the same positions are the control (no seams there).
 - understood: agreement of the semantic decoder's reading of z_s with the map (how the stage-1 encoder, whose mid
   attention block attends over the whole larger latent grid, reads larger maps).
 A 128-px scene is the 64-px scene's layout drawn at twice the scale (objects and texture periods twice as many

@@ -13,7 +13,8 @@ Per seed it trains, with the same budgets:
            against, so only the map-only rows compare coupled and separate models on equal terms
 then evaluates them with recipes/evaluate.py: generation (Table 1: FSD in a segmenter's feature space, SSIM and
 the segmenter's mIoU on generated images; the diversity rows: spread of 4 draws per map against real re-renders),
-reconstruction (Table 2: SSIM / PSNR) and semantic reconstruction (Table 3: mIoU). The committed segmenter (svq_fast/eval/assets/segmenter_synthetic64, trained on real synthetic
+reconstruction (Table 2: SSIM / PSNR) and semantic reconstruction (Table 3: mIoU). The committed segmenter
+(svq_fast/eval/assets/segmenter_synthetic64, trained on real synthetic
 images) supplies FSD, the generated-image mIoU and the diagnostic table; FID/LPIPS need pretrained weights that this
 benchmark does not assume.
 Writes <out>/report.md with mean and spread over seeds and side-by-side sample grids (as the paper's Figure 3).
@@ -54,6 +55,8 @@ def gpt_dir(name: str) -> str:
 def stage2_models(conditions: list[str]) -> list[str]:
     """The GPTs of an invocation: the separate baselines and the coupled models in the requested conditions."""
     return [n for n, (_, sem, c) in STAGE2.items() if sem is not None or c in conditions]
+
+
 TABLE2 = ("vqvae", "svqvae", "vqgan", "svqgan")
 # The GPTs' learning rate here. gpt_tiny's 3e-3 was chosen for the demo's global batch 16 (2 ranks x 8) on sVQGAN
 # tokens; at this experiment's batch 8 in one process, seed 0 with 3e-3 against 1e-3 raised the image-token NLL of

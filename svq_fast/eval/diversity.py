@@ -243,8 +243,11 @@ class Diversity:
                     "feature_ratio": ratio(row.feature, real.feature) if seg else no_seg,
                     "lpips": row.lpips.mean() if self.lpips is not None else no_lpips,
                     "lpips_ratio": ratio(row.lpips, real.lpips) if self.lpips is not None else no_lpips,
-                    "fsd_to_rerenders": (_nonnegative(frechet_or_na(row.features, real.features)) if have_real
-                                         else NO_RERENDERS) if seg else no_seg,  # fmt: skip
+                    "fsd_to_rerenders": (
+                        _nonnegative(frechet_or_na(row.features, real.features)) if have_real else NO_RERENDERS
+                    )
+                    if seg
+                    else no_seg,  # fmt: skip
                     "colour_distance_to_reference": row.colour.mean(),
                     "colour_distance_to_rerenders": row.colour_rr.mean() if have_real else NO_RERENDERS,
                     "reference_copy_ratio": row.colour.mean() / row.colour_rr.mean()

@@ -19,9 +19,9 @@ changes the keys/values of earlier positions. Each window keeps one cache; when 
 is caught up with the image tokens that its neighbours drew since its last use (gpt.decode_chunk). So every window
 runs each of its 2*g*g positions through the GPT at most once (window_cost counts them): for 32 x 32 latents and
 g = 16, 9 windows and 4293 positions, against 401k for taming's per-token recomputation (use_cache=False here,
-the reference path; 115k for cached windows at stride 1). Caches live from a window's first to its last token: at most one row
-of windows at a time (window_cost's live_windows). The caches are dynamic (concatenation); the static cache and
-CUDA graphs of sample_image_tokens are for the g x g path only.
+the reference path; 115k for cached windows at stride 1). Caches live from a window's first to its last token: at
+most one row of windows at a time (window_cost's live_windows). The caches are dynamic (concatenation); the static
+cache and CUDA graphs of sample_image_tokens are for the g x g path only.
 
 Randomness: one uniform number per token and sample, in raster order, as in sample_image_tokens, so the cached
 and the recomputing paths give the same tokens, and an h = w = g grid gives exactly sample_image_tokens' tokens.

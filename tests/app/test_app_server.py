@@ -217,7 +217,11 @@ def test_bad_input_gets_a_message_not_a_crash(server):
     off_ids[5, 5] = 40
     cases = [
         ("/api/upload", dict(raw=b"GIF89a not a png"), "not a PNG"),
-        ("/api/upload", dict(raw=png_bytes(np.zeros((16, 16), np.uint8))), "is 16x16; this model takes maps from 32x32"),
+        (
+            "/api/upload",
+            dict(raw=png_bytes(np.zeros((16, 16), np.uint8))),
+            "is 16x16; this model takes maps from 32x32",
+        ),
         ("/api/upload", dict(raw=png_bytes(off_ids)), "outside this model's label space: 40"),
         ("/api/upload", dict(raw=_png_of(np.full((32, 32, 3), 7, np.uint8))), "not this model's class colours"),
         ("/api/sample", dict(raw=b"{not json"), "not JSON"),

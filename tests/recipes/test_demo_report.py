@@ -57,23 +57,40 @@ def test_report_has_diversity_protocol_and_the_rerender_grid(tmp_path):
     from PIL import Image
 
     from svq_fast.data.make_shards import write_synthetic
+
     rec = {"ssim": 0.5, "psnr_db": 20.0, "fsd": 7.9, "semantic_miou": 0.9, "semantic_pixel_acc": 0.98,
            "images_scored": 8}  # fmt: skip
     row = {"images": "real re-renders", "maps": 2, "pixel_l1": 0.19, "pixel_ratio": 1.0, "feature_l2": 0.5,
            "feature_ratio": 1.0, "lpips": "n/a (no --vgg-weights)", "lpips_ratio": "n/a (no --vgg-weights)",
            "fsd_to_rerenders": 0.0, "colour_distance_to_reference": 0.31}  # fmt: skip
     gen_row = {**row, "images": "GPT samples, map-only z_s", "pixel_l1": 0.14, "pixel_ratio": 0.74}
-    probe = {"cases": 10, "share_following_zx": 0.9, "colour_distance_to_zx_source": 0.05,
-             "colour_distance_to_zs_source": 0.2, "bar": ">= 0.75 of the cases closer to the z_x source", "met": True}
+    probe = {
+        "cases": 10,
+        "share_following_zx": 0.9,
+        "colour_distance_to_zx_source": 0.05,
+        "colour_distance_to_zs_source": 0.2,
+        "bar": ">= 0.75 of the cases closer to the z_x source",
+        "met": True,
+    }
     div = {"maps": 2, "draws_per_map": 4, "decode_rows_condition": "map", "rerenders": "texture seeds",
            "rows": [row, gen_row], "zx_probe": {"map": probe, "reference": probe}}  # fmt: skip
     gen = {"ssim": 0.2, "psnr_db": 13.0, "fsd": 3.9, "images_scored": 8, "diversity": div}
-    protocol = {"segmenter": {"path": "/x/segmenter_synthetic64", "sha256": "ab" * 32, "val_miou": 0.82},
-                "fsd": "pooled features", "fid": "n/a", "lpips": "n/a", "resolution": 64, "draws_per_map": 1,
-                "z_s": "map alone (encode_semantic)", "gpt_trained_on": "map", "exports_sha256": {"gpt": "cd" * 32}}
+    protocol = {
+        "segmenter": {"path": "/x/segmenter_synthetic64", "sha256": "ab" * 32, "val_miou": 0.82},
+        "fsd": "pooled features",
+        "fid": "n/a",
+        "lpips": "n/a",
+        "resolution": 64,
+        "draws_per_map": 1,
+        "z_s": "map alone (encode_semantic)",
+        "gpt_trained_on": "map",
+        "exports_sha256": {"gpt": "cd" * 32},
+    }
     _write(tmp_path / "eval/stage1/metrics.json", {"metrics": rec})
-    _write(tmp_path / "eval/stage2/metrics.json",
-           {"metrics": gen, "settings": {"protocol": protocol, "samples": 8, "samples_available": 256}})
+    _write(
+        tmp_path / "eval/stage2/metrics.json",
+        {"metrics": gen, "settings": {"protocol": protocol, "samples": 8, "samples_available": 256}},
+    )
     _write(tmp_path / "stage1/history.json", [{"step": 1, "rec": 0.2}])
     _write(tmp_path / "stage2/history.json", [{"step": 1, "loss": 3.8}])
     shards = tmp_path / "data/64px/val"

@@ -122,9 +122,11 @@ def test_default_condition_is_the_gpts_own(exports, tmp_path):
     cfg.condition = "map"
     export_model(tensors, cfg, str(tmp_path / "gpt_map"))
     common = ["--out", None, "--shards", exports["shards"], "--num-maps", "2", "--samples-per-map", "1", "--seed", "3"]
-    for name, extra in (("default", ["--gpt", str(tmp_path / "gpt_map")]),
-                        ("map", ["--gpt", exports["gpt"], "--condition", "map"]),
-                        ("reference", ["--gpt", str(tmp_path / "gpt_map"), "--condition", "reference"])):
+    for name, extra in (
+        ("default", ["--gpt", str(tmp_path / "gpt_map")]),
+        ("map", ["--gpt", exports["gpt"], "--condition", "map"]),
+        ("reference", ["--gpt", str(tmp_path / "gpt_map"), "--condition", "reference"]),
+    ):
         args = list(common)
         args[1] = str(tmp_path / name)
         assert load_recipe().main(args + extra) == 0

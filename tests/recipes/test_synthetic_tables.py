@@ -57,7 +57,11 @@ def test_gpts_train_at_the_experiments_own_lr_not_gpt_tinys(tmp_path, monkeypatc
     monkeypatch.setattr(st, "run", fake_run)
     monkeypatch.setattr(st, "STAGE1", ())  # go straight to stage 2
     args = argparse.Namespace(
-        out=str(tmp_path), train_samples=8, stage1_steps=4, stage2_steps=4, stage2_lr=st.STAGE2_LR,
+        out=str(tmp_path),
+        train_samples=8,
+        stage1_steps=4,
+        stage2_steps=4,
+        stage2_lr=st.STAGE2_LR,
         conditions=["reference"],
     )
     with pytest.raises(SystemExit):
@@ -194,6 +198,15 @@ def test_diversity_table_and_pairs_of_the_map_only_models():
     assert len(pairs) == len(st.COMPARED)  # the controlled comparison: map-only coupled vs separate
     for name in ("sVQGAN-T map z_s", "sVQVAE-T map z_s"):  # an invocation without map-only GPTs: no rows for them
         del seeds[0]["stage2"][name]
-    assert not any("map z_s" in line for line in st.coupled_vs_separate(seeds) + st.report(
-        seeds, argparse.Namespace(seeds=[0], stage1_steps=4, stage2_steps=4, stage2_lr=1e-3, machine="m",
-                                  eval_samples=8), {}, 60.0).split("## Samples")[0].splitlines())
+    assert not any(
+        "map z_s" in line
+        for line in st.coupled_vs_separate(seeds)
+        + st.report(
+            seeds,
+            argparse.Namespace(seeds=[0], stage1_steps=4, stage2_steps=4, stage2_lr=1e-3, machine="m", eval_samples=8),
+            {},
+            60.0,
+        )
+        .split("## Samples")[0]
+        .splitlines()
+    )

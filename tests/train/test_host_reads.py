@@ -3,9 +3,9 @@ length: a step that does not log may read at most what its collective decisions 
 the discriminator's skip-or-not, with the stop request riding along; stage 2: one). Runs the GPU path's settings
 (fused AdamW, DeepSpeed's norm kept on the device) with the pure-torch VQ (`quantizer.backend=ref`): the native CPU
 op's backward reads its two upstream-gradient scalars (free on a CPU, the only device it runs on), while the GPU's
-Triton backward takes them as tensors, as the reference does. Before this budget existed a step read 41 (stage 1) / 7 (stage 2)
-values: every logged scalar, the quantizers' usage statistics and dead-code search, DeepSpeed's norm checks, AdamW's
-step counts."""
+Triton backward takes them as tensors, as the reference does. Before this budget existed a step read 41 (stage 1) /
+7 (stage 2) values: every logged scalar, the quantizers' usage statistics and dead-code search, DeepSpeed's norm
+checks, AdamW's step counts."""
 
 import pytest
 
