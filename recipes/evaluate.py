@@ -49,7 +49,7 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--out", required=True, help="output directory for metrics.json and metrics.md")
     p.add_argument("--shards", default="", help="held-out shards (default: the model config's synthetic val split)")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate the first N samples (0 = all)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--name", default="", help="model name in the tables (default: the export's run name)")
     p.add_argument("--vgg-weights", default="", help="torchvision vgg16-397923af.pth (LPIPS backbone)")

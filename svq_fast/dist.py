@@ -102,6 +102,8 @@ def init_deepspeed() -> tuple[int, int]:
         )
     if not is_initialized():
         bind_local_device()
+        if not torch.cuda.is_available():
+            skip_shm_allreduce_build()
         deepspeed.init_distributed(
             dist_backend=None if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False, verbose=False
         )
@@ -126,6 +128,20 @@ def shm_allreduce_path(rank_: int) -> str:
     (the name deepspeed/ops/csrc/cpu/comm/shm.cpp gives it: uid, MASTER_ADDR, MASTER_PORT, rank)."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_}"
+
+
+def skip_shm_allreduce_build() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory allreduce op at init_distributed.
+
+    DeepSpeed (0.19) JIT-builds that op on every CPU start whose ~/.cache/torch_extensions lacks it: 36 s on the
+    2-vCPU development VM, so on every fresh machine (CI, a new clone's `make demo`). The op only serves
+    inference_all_reduce, which training never calls: its collectives go to torch.distributed (gloo) either way.
+    Without the op no /dev/shm workspace is made either. A DeepSpeed without build_shm_op is left alone."""
+    import importlib
+
+    comm = importlib.import_module("deepspeed.comm.torch")  # `import deepspeed.comm.torch` binds the torch module
+    if hasattr(comm, "build_shm_op"):
+        comm.build_shm_op = lambda: None
 
 
 def release_shm_allreduce_name(rank_: int) -> None:

@@ -25,6 +25,7 @@ from svq_fast.eval.image_metrics import quantize_uint8
 from svq_fast.eval.metrics import FeatureStats, MeanStat
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.eval.sampling import sample_image_tokens
+from svq_fast.models.slices import in_slices
 
 REAL, RECON, SWAP, RANDOM = "real images", "reconstructions", "another scene's z_x", "random z_x"
 SAMPLES, NULL = "GPT samples", "GPT samples, null condition"
@@ -42,7 +43,7 @@ class MapFidelity:
         self.features = FeatureStats(feature_dim)
 
     def update(self, segmenter, images: torch.Tensor, label: torch.Tensor) -> None:
-        logits, feats = segmenter.forward_features(images)  # images (B, 3, H, W) on the 8-bit grid
+        logits, feats = in_slices(segmenter.forward_features, images)  # images (B, 3, H, W) on the 8-bit grid
         self.cm.update(logits.argmax(1), label)
         self.features.update(feats)
 
@@ -64,8 +65,9 @@ class Diagnostics:
 
     @torch.no_grad()
     def update(self, b: int, x, s, sem, img, samples, generator: torch.Generator) -> None:
-        """x (B, 3, H, W), s (B, H, W), sem / img (B, N) the map's and the scene's tokens, samples (B, N) the GPT's
-        tokens with the evaluation's settings; generator seeds this batch's extra draws."""
+        """x (B, 3, H, W), s (B, H, W), sem / img (B, N) the map's and the scene's tokens, samples (B, 3, H, W) the
+        GPT's samples at the evaluation's settings, decoded and on the 8-bit grid (the task scored them already);
+        generator seeds this batch's extra draws."""
         gpt, tok, grid = self.task.gpt, self.task.tokenizer, self.task.grid
         uncond = torch.ones(sem.shape[0], dtype=torch.bool, device=sem.device)
         cond_bits = gpt.image_nll(sem, img) / math.log(2)
@@ -84,12 +86,12 @@ class Diagnostics:
             RECON: tok.decode(sem, img, grid),
             SWAP: tok.decode(sem, img.roll(1, 0), grid),
             RANDOM: tok.decode(sem, rand, grid),
-            SAMPLES: tok.decode(sem, samples, grid),
             NULL: tok.decode(sem, null, grid),
             guided_row(self.guidance): tok.decode(sem, guided, grid),
         }
         for name, images in decoded.items():
             self.rows[name].update(self.segmenter, quantize_uint8(images) if name != REAL else images, s)
+        self.rows[SAMPLES].update(self.segmenter, samples, s)
 
     def all_reduce(self) -> None:
         """Collective: every rank calls it."""

@@ -36,6 +36,7 @@ from svq_fast.data.synthetic import SyntheticSpec, render_scene
 from svq_fast.eval.image_metrics import quantize_uint8
 from svq_fast.eval.metrics import FeatureStats, MeanStat
 from svq_fast.eval.sampling import sample_image_tokens
+from svq_fast.models.slices import in_slices
 
 REAL, MAP, REF = "real re-renders", "GPT samples, map-only z_s", "GPT samples, reference z_s"
 OTHER, RANDOM = "decodes, other scenes' z_x", "decodes, random z_x"
@@ -190,7 +191,7 @@ class Diversity:
         per_map = images.view(m, k, *images.shape[1:])
         row.pixel.update(pairwise_mean(per_map, lambda a, b: ((a - b).abs() / 2).flatten(1).mean(1)))
         if self.segmenter is not None:
-            _, feats = self.segmenter.forward_features(images)  # (m K, D)
+            _, feats = in_slices(self.segmenter.forward_features, images)  # (m K, D)
             row.feature.update(pairwise_mean(feats.view(m, k, -1), lambda a, b: (a - b).norm(dim=1)))
             row.features.update(feats)
         if self.lpips is not None:

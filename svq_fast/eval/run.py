@@ -47,7 +47,7 @@ class EvalConfig:
     gpt: str = ""  # stage-2 export (stage2 mode)
     shards: str = ""  # held-out shards ("" = the model config's synthetic val split)
     max_samples: int = 0  # evaluate the first N samples (0 = all)
-    batch_size: int = 16
+    batch_size: int = 64
     num_workers: int = 0
     name: str = ""  # model name in the tables ("" = the export's run name)
     vgg_weights: str = ""  # torchvision vgg16-397923af.pth (LPIPS backbone)

@@ -106,15 +106,16 @@ def sample_image_tokens(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-    cache: str = "dynamic",
+    cache: str = "static",
     cuda_graph: bool = False,
     num_tokens: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """sem_tokens (B, P) -> image tokens (B, num_tokens) (default: all N = grid^2).
 
-    use_cache=False recomputes the whole sequence for every token (the reference path). cache: "dynamic"
-    (concatenation) or "static" (preallocated, written in place). cuda_graph=True uses the static cache and
+    use_cache=False recomputes the whole sequence for every token (the reference path). cache: "static"
+    (preallocated, written in place; the default: 1.6x / 3x faster than "dynamic" at batch 64 / 128 on CPU, whose
+    concatenation copies the whole cache at every token) or "dynamic". cuda_graph=True uses the static cache and
     replays the decode step from a CUDA graph when sem_tokens is on CUDA (elsewhere it warns and runs the
     static cache eagerly). num_tokens < N stops early (benchmarks, tests). progress(done, total) is called
     after every drawn token (the app's progress bar).

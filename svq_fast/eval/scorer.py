@@ -20,6 +20,7 @@ from svq_fast.eval.image_metrics import LPIPSMetric, psnr, ssim
 from svq_fast.eval.metrics import FeatureStats, MeanStat
 from svq_fast.eval.miou import ConfusionMatrix
 from svq_fast.export import load_segmenter
+from svq_fast.models.slices import in_slices
 
 NA_WEIGHTS = "n/a (no weights)"
 STATS_VERSION = 1  # bump when the real-image preprocessing changes (invalidates cached statistics)
@@ -96,10 +97,10 @@ class Scorer:
             if not self.real_cached["fid"]:
                 self.fid_real.update(self.inception(real))
         if self.segmenter is not None:
-            logits, feats = self.segmenter.forward_features(fake)
+            logits, feats = in_slices(self.segmenter.forward_features, fake)
             self.fsd_fake.update(feats)
             self.seg_fake.update(logits.argmax(1), label)
-            logits_r, feats_r = self.segmenter.forward_features(real)
+            logits_r, feats_r = in_slices(self.segmenter.forward_features, real)
             if not self.real_cached["fsd"]:
                 self.fsd_real.update(feats_r)
             self.seg_real.update(logits_r.argmax(1), label)

@@ -169,11 +169,12 @@ class Stage2Task:
         sem = self.tokenizer.semantic_tokens(x, s, self.condition)  # (B, P)
         gen = torch.Generator(device=self.dev).manual_seed(self.seed * 1_000_003 + b)  # by global batch number
         tokens = sample_image_tokens(self.gpt, sem, generator=gen, **self.sampling)
-        scorer.update(quantize_uint8(self.tokenizer.decode(sem, tokens, self.grid)), x, s)
+        images = quantize_uint8(self.tokenizer.decode(sem, tokens, self.grid))  # (B, 3, H, W)
+        scorer.update(images, x, s)
         self.usage_gen.update(tokens)
         self.usage_sem.update(sem)
         if self.diagnostics is not None:
-            self.diagnostics.update(b, x, s, sem, img, tokens, gen)
+            self.diagnostics.update(b, x, s, sem, img, images, gen)
         if self.diversity is not None:
             if keys is None:
                 raise ValueError("the diversity rows need the samples' keys (re-renders): pass keys to step()")

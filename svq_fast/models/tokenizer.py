@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from svq_fast.models.slices import in_slices
 from svq_fast.models.svq import SVQModel
 
 
@@ -37,11 +38,15 @@ class Tokenizer:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 3, H, W), s (B, H, W) -> (semantic tokens (B, P), image tokens (B, N)), row-major grids."""
-        if self.semantic_model is None:
-            out = self.image_model.encode(x, s)
+        m = self.image_model
+        if self.semantic_model is None and self.condition == "map" and m.cfg.semantic_input != "map":
+            # the scene's z_x and the map-only z_s in one encoder pass over the 2B batch [(x, s); (fill, s)]
+            b = x.shape[0]
+            out = m.encode(torch.cat([x, m.fill_image(s)]), torch.cat([s, s]))
+            sem, img = out["indices_s"][b:], out["indices_x"][:b]
+        elif self.semantic_model is None:  # a map-input model's z_s reads the map alone already
+            out = m.encode(x, s)
             sem, img = out["indices_s"], out["indices_x"]
-            if self.condition == "map":
-                sem = self.image_model.encode_semantic(s)
         else:
             img = self.image_model.encode(x, None)["indices_x"]
             sem = self.semantic_model.encode(None, s)["indices_s"]
@@ -65,5 +70,5 @@ class Tokenizer:
         h, w = (grid, grid) if isinstance(grid, int) else grid
         idx_x = img_tokens.view(b, h, w)
         if self.semantic_model is None:
-            return self.image_model.decode_indices(idx_x, sem_tokens.view(b, h, w))
-        return self.image_model.decode_indices(idx_x, None)
+            return in_slices(self.image_model.decode_indices, idx_x, sem_tokens.view(b, h, w))
+        return in_slices(lambda i: self.image_model.decode_indices(i, None), idx_x)

@@ -1,9 +1,9 @@
 """The semantically coupled VQ model (paper Figure 2) and its single-modality baselines.
 
 kind="svq":      shared encoder f_sEnc(x, s) -> (z_x, z_s); semantic decoder f_sDec(z_s) -> s_hat;
-                 image decoder f_xDec(z_x, sg[z_s]) -> x_hat. With semantic_input="map", z_s comes from a second
-                 pass of the same encoder over (fill, s) (what encode_semantic computes), so z_s carries no
-                 appearance in training either and the decoder must take it from z_x.
+                 image decoder f_xDec(z_x, sg[z_s]) -> x_hat. With semantic_input="map", z_s comes from the same
+                 encoder reading (fill, s) (what encode_semantic computes; batched with (x, s) in one pass), so
+                 z_s carries no appearance in training either and the decoder must take it from z_x.
 kind="image":    encoder(x) -> z_x -> decoder -> x_hat (VQVAE / VQGAN).
 kind="semantic": encoder(s) -> z_s -> semantic decoder -> s_hat (the conditioning VQVAE of the baseline).
 """
@@ -128,7 +128,7 @@ class SVQModel(nn.Module):
         drop = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.cfg.image_dropout
         return torch.where(drop, self.image_fill.to(x.dtype).expand_as(x), x)
 
-    def _fill_image(self, s: torch.Tensor) -> torch.Tensor:
+    def fill_image(self, s: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) image input of a map-only encoding: the learned fill (image dropout), else zeros."""
         b, h, w = s.shape
         fill = self.image_fill if self.image_fill is not None else torch.zeros(1, 3, 1, 1, device=s.device)
@@ -140,27 +140,40 @@ class SVQModel(nn.Module):
             raise ValueError("this model encodes images: pass x (B, 3, H, W)")
         if self.has_semantic and s is None:
             raise ValueError("this model encodes semantic maps: pass s (B, H, W)")
-        h = self.encoder(self._stem(self._hide_image(x) if x is not None else None, s))
+        x_in = self._hide_image(x) if x is not None else None
         zx = self.cfg.z_channels if self.has_image else 0
+        if self.has_image and self.has_semantic and self.cfg.semantic_input == "map":
+            # z_s from the map alone, in training too: one encoder pass over the 2B batch [(x, s); (fill, s)]
+            # (GroupNorm is per sample, so batching the two readings changes nothing but the speed)
+            b = s.shape[0]
+            h2 = self.encoder(self._stem(torch.cat([x_in, self.fill_image(s)]), torch.cat([s, s])))
+            h_x, h_s = h2[:b, :zx], h2[b:, zx:]
+        else:
+            h = self.encoder(self._stem(x_in, s))
+            h_x, h_s = h[:, :zx], h[:, zx:]
         out: dict = {}
         if self.has_image:
-            z_x, loss_x, info_x = self.quantizer_x(self.quant_x(h[:, :zx]))
+            z_x, loss_x, info_x = self.quantizer_x(self.quant_x(h_x))
             out.update(z_x=z_x, vq_loss_x=loss_x, indices_x=info_x["indices"], perplexity_x=info_x["perplexity"])
         if self.has_semantic:
-            h_s = h[:, zx:]
-            if self.has_image and self.cfg.semantic_input == "map":  # z_s from the map alone, in training too
-                h_s = self.encoder(self._stem(self._fill_image(s), s))[:, zx:]
-            pre_s = self.quant_s(h_s)  # (B, zs, h, w)
-            if self.patch_s is not None:
-                pre_s = pre_s + self.patch_s(s)
-            z_s, loss_s, info_s = self.quantizer_s(pre_s)
+            z_s, loss_s, info_s = self._quantize_semantic(h_s, s)
             out.update(z_s=z_s, vq_loss_s=loss_s, indices_s=info_s["indices"], perplexity_s=info_s["perplexity"])
         return out
+
+    def _quantize_semantic(self, h_s: torch.Tensor, s: torch.Tensor):
+        """Encoder output's semantic channels (B, zs, h, w) -> the semantic quantizer's (z_s, loss, info)."""
+        pre_s = self.quant_s(h_s)
+        if self.patch_s is not None:
+            pre_s = pre_s + self.patch_s(s)
+        return self.quantizer_s(pre_s)
 
     @torch.no_grad()
     def encode_semantic(self, s: torch.Tensor) -> torch.Tensor:
         """Semantic token ids (B, h, w) from s alone: the image input is the learned fill (or zeros)."""
-        return self.encode(self._fill_image(s) if self.has_image else None, s)["indices_s"]
+        if self.has_image and self.cfg.semantic_input == "map":
+            h_s = self.encoder(self._stem(self.fill_image(s), s))[:, self.cfg.z_channels :]  # one pass, no z_x
+            return self._quantize_semantic(h_s, s)[2]["indices"]
+        return self.encode(self.fill_image(s) if self.has_image else None, s)["indices_s"]
 
     # -- decoding -------------------------------------------------------------------------------------
 
