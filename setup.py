@@ -31,7 +31,8 @@ def native_extensions():
         print("svq_fast: torch is not importable at build time (use --no-build-isolation); no native extension")
         return [], {}
 
-    cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++20"]  # C++20: torch >= 2.10 headers; -g0: halves the build (41 -> 21 s)
+    # C++20: torch >= 2.10 headers require it; -g0: no debug info, which halves the build (41 -> 21 s on 2 vCPUs)
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++20"]
     cu_sources = sorted(glob.glob("csrc/*.cu"))
     use_cuda = bool(cu_sources) and os.environ.get("SVQ_FAST_CUDA", "auto") != "0" and _cuda_toolkit()
     if use_cuda:

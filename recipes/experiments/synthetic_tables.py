@@ -18,7 +18,9 @@ reconstruction (Table 2: SSIM / PSNR) and semantic reconstruction (Table 3: mIoU
 images) supplies FSD, the generated-image mIoU and the diagnostic table; FID/LPIPS need pretrained weights that this
 benchmark does not assume.
 Writes <out>/report.md with mean and spread over seeds and side-by-side sample grids (as the paper's Figure 3).
-Trainings, evaluations and grids already on disk are reused, so adding a seed later only runs that seed.
+Trainings, evaluations and grids already on disk are reused, so adding a seed later only runs that seed; a seed whose
+evaluations (metrics.json under <out>/seed<k>/eval/) and grids are on disk trains nothing, so results copied from
+another machine (benchmarks/results/synthetic_tables_issue29/) can be completed with more seeds.
 Every training is a single-process DeepSpeed run (no launcher), so the whole experiment runs on one CPU machine.
 """
 
@@ -81,6 +83,14 @@ def run(cmd: list[str], log: str) -> float:
     return time.perf_counter() - t0
 
 
+# Figure 3's models: sample grids of the first seed's GPTs
+FIGURE = ("VQGAN-T", "sVQGAN-T", "sVQGAN-T map z_s")
+
+
+def grid_folder(out: str, name: str) -> str:
+    return os.path.join(out, "samples", name.replace(" ", "_"))
+
+
 def recipe(name: str) -> list[str]:
     return [sys.executable, os.path.join(RECIPES, name)]
 
@@ -96,16 +106,24 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
         f"--data.synthetic_train_samples={args.train_samples}",
         "--run.resume=auto",  # a run cut off before its export continues from its newest checkpoint
     ]
+    models = stage2_models(args.conditions)
+    # What is still to be computed decides what is trained: a seed whose evaluations (and, for the first seed, the
+    # sample grids) are on disk, e.g. copied from an earlier machine's run, trains nothing.
+    figure = FIGURE if seed == args.seeds[0] else ()
+    scored = lambda folder: os.path.exists(os.path.join(root, "eval", folder, "metrics.json"))  # noqa: E731
+    gridded = lambda name: os.path.exists(os.path.join(grid_folder(args.out, name), "grid.png"))  # noqa: E731
+    gpts_wanted = [n for n in models if not scored(gpt_dir(n)) or (n in figure and not gridded(n))]
+    stage1_wanted = {m for m in set(TABLE2) | set(TABLE3) if not scored(m)}
+    stage1_wanted |= {m for n in gpts_wanted for m in STAGE2[n][:2] if m}  # a GPT is trained and scored on its tokens
     for m in STAGE1:
         out = os.path.join(root, m)
-        if not os.path.exists(os.path.join(out, "export", "model.safetensors")):
+        if m in stage1_wanted and not os.path.exists(os.path.join(out, "export", "model.safetensors")):
             timings[f"seed{seed}/stage1/{m}"] = run(
                 recipe("train_svqgan.py")
                 + ["--config", f"{m}_tiny", f"--optim.max_steps={args.stage1_steps}", f"--run.out_dir={out}", *common],
                 os.path.join(logs, f"{m}.log"),
             )
-    models = stage2_models(args.conditions)
-    for name in models:
+    for name in gpts_wanted:
         image, semantic, condition = STAGE2[name]
         out = os.path.join(root, gpt_dir(name))
         extra = [f"--stage1={os.path.join(root, image, 'export')}", f"--condition={condition}"]
@@ -157,8 +175,8 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
         with open(os.path.join(out, "metrics.json")) as f:
             results["stage2"][name] = json.load(f)["metrics"]
     if seed == args.seeds[0]:  # Figure 3: the same maps, three samples each, coupled vs separate
-        for name in ("VQGAN-T", "sVQGAN-T", "sVQGAN-T map z_s"):
-            folder = os.path.join(args.out, "samples", name.replace(" ", "_"))
+        for name in FIGURE:
+            folder = grid_folder(args.out, name)
             if name not in models or os.path.exists(os.path.join(folder, "grid.png")):
                 continue
             run(

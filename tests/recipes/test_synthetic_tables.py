@@ -63,6 +63,7 @@ def test_gpts_train_at_the_experiments_own_lr_not_gpt_tinys(tmp_path, monkeypatc
         stage2_steps=4,
         stage2_lr=st.STAGE2_LR,
         conditions=["reference"],
+        seeds=[0],
     )
     with pytest.raises(SystemExit):
         st.train_seed(0, args, str(tmp_path / "data"), "seg", {})
@@ -167,7 +168,7 @@ def test_coupled_gpts_train_in_each_requested_condition(tmp_path, monkeypatch):
 
     monkeypatch.setattr(st, "run", fake_run)
     monkeypatch.setattr(st, "STAGE1", ())
-    args = argparse.Namespace(out=str(tmp_path), train_samples=8, stage1_steps=4, stage2_steps=4,
+    args = argparse.Namespace(out=str(tmp_path), train_samples=8, stage1_steps=4, stage2_steps=4, seeds=[0],
                               stage2_lr=st.STAGE2_LR, conditions=["reference", "map"], eval_samples=8)  # fmt: skip
     with pytest.raises(SystemExit):
         st.train_seed(0, args, str(tmp_path / "data"), "seg", {})
@@ -210,3 +211,35 @@ def test_diversity_table_and_pairs_of_the_map_only_models():
         .split("## Samples")[0]
         .splitlines()
     )
+
+
+def test_a_seed_whose_evaluations_are_on_disk_trains_only_what_is_missing(tmp_path, monkeypatch):
+    """Evaluations copied from another machine make their trainings unnecessary; a missing one trains its models."""
+    import json
+
+    root = tmp_path / "seed1"
+    models = st.stage2_models(["reference", "map"])
+    for folder in [*set(st.TABLE2) | set(st.TABLE3), *(st.gpt_dir(n) for n in models)]:
+        (root / "eval" / folder).mkdir(parents=True)
+        (root / "eval" / folder / "metrics.json").write_text(json.dumps({"metrics": {"fsd": 1.0}}))
+    commands = []
+
+    def fake_run(cmd, log):  # an evaluation writes its metrics.json
+        commands.append(" ".join(cmd))
+        if "evaluate.py" in commands[-1]:
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps({"metrics": {"fsd": 2.0}}))
+        return 0.0
+
+    monkeypatch.setattr(st, "run", fake_run)
+    args = argparse.Namespace(out=str(tmp_path), train_samples=8, stage1_steps=4, stage2_steps=4, seeds=[0, 1],
+                              stage2_lr=st.STAGE2_LR, conditions=["reference", "map"], eval_samples=8,
+                              top_k=50)  # fmt: skip
+    results = st.train_seed(1, args, str(tmp_path / "data"), "seg", {})
+    assert commands == [] and set(results["stage2"]) == set(models)  # seed 1 draws no grids
+    (root / "eval" / "gpt_svqgan_map" / "metrics.json").unlink()
+    st.train_seed(1, args, str(tmp_path / "data"), "seg", {})
+    trained = [c.split("--run.out_dir=")[1].split()[0].rsplit("/", 1)[1] for c in commands if "--run.out_dir=" in c]
+    assert trained == ["svqgan", "gpt_svqgan_map"]
+    assert sum("evaluate.py" in c for c in commands) == 1
