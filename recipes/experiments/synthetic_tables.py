@@ -2,6 +2,7 @@
 
     python recipes/experiments/synthetic_tables.py --out runs/synthetic_tables --seeds 0
     python recipes/experiments/synthetic_tables.py --out runs/synthetic_tables --seeds 0,1,2 --stage1-steps 960
+    python recipes/experiments/synthetic_tables.py --out runs/synthetic_tables --seeds 0,1 --family gan
 
 Per seed it trains, with the same budgets:
   stage 1: vqvae, vqgan (image only), semantic_vqvae (the separate conditioner), svqvae, svqgan (lambda 0.1),
@@ -17,6 +18,7 @@ reconstruction (Table 2: SSIM / PSNR) and semantic reconstruction (Table 3: mIoU
 (svq_fast/eval/assets/segmenter_synthetic64, trained on real synthetic
 images) supplies FSD, the generated-image mIoU and the diagnostic table; FID/LPIPS need pretrained weights that this
 benchmark does not assume.
+--family gan|vae keeps one comparison (VQGAN-T or VQVAE-T against its coupled models, and their stage-1 models).
 Writes <out>/report.md with mean and spread over seeds and side-by-side sample grids (as the paper's Figure 3).
 Trainings, evaluations and grids already on disk are reused, so adding a seed later only runs that seed; a seed whose
 evaluations (metrics.json under <out>/seed<k>/eval/) and grids are on disk trains nothing, so results copied from
@@ -54,9 +56,21 @@ def gpt_dir(name: str) -> str:
     return f"gpt_{image}" + ("_map" if condition == "map" else "")
 
 
-def stage2_models(conditions: list[str]) -> list[str]:
+# --family: Table 1's models of one decoder family (a cheaper run of one comparison), or all of them
+FAMILIES = {"gan": ("VQGAN-T", "sVQGAN-T", "sVQGAN-T map z_s"), "vae": ("VQVAE-T", "sVQVAE-T", "sVQVAE-T map z_s")}
+
+
+def stage2_models(conditions: list[str], family: str = "all") -> list[str]:
     """The GPTs of an invocation: the separate baselines and the coupled models in the requested conditions."""
-    return [n for n, (_, sem, c) in STAGE2.items() if sem is not None or c in conditions]
+    names = [n for n, (_, sem, c) in STAGE2.items() if sem is not None or c in conditions]
+    return names if family == "all" else [n for n in names if n in FAMILIES[family]]
+
+
+def stage1_scope(models: list[str], family: str) -> set[str]:
+    """The stage-1 models of an invocation: all of them, or those the family's GPTs read (no svqgan_mapdrop)."""
+    if family == "all":
+        return set(STAGE1) | set(TABLE2) | set(TABLE3)
+    return {m for n in models for m in STAGE2[n][:2] if m}
 
 
 TABLE2 = ("vqvae", "svqvae", "vqgan", "svqgan")
@@ -106,14 +120,16 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
         f"--data.synthetic_train_samples={args.train_samples}",
         "--run.resume=auto",  # a run cut off before its export continues from its newest checkpoint
     ]
-    models = stage2_models(args.conditions)
+    family = getattr(args, "family", "all")
+    models = stage2_models(args.conditions, family)
+    scope = stage1_scope(models, family)
     # What is still to be computed decides what is trained: a seed whose evaluations (and, for the first seed, the
     # sample grids) are on disk, e.g. copied from an earlier machine's run, trains nothing.
     figure = FIGURE if seed == args.seeds[0] else ()
     scored = lambda folder: os.path.exists(os.path.join(root, "eval", folder, "metrics.json"))  # noqa: E731
     gridded = lambda name: os.path.exists(os.path.join(grid_folder(args.out, name), "grid.png"))  # noqa: E731
     gpts_wanted = [n for n in models if not scored(gpt_dir(n)) or (n in figure and not gridded(n))]
-    stage1_wanted = {m for m in set(TABLE2) | set(TABLE3) if not scored(m)}
+    stage1_wanted = {m for m in (set(TABLE2) | set(TABLE3)) & scope if not scored(m)}
     stage1_wanted |= {m for n in gpts_wanted for m in STAGE2[n][:2] if m}  # a GPT is trained and scored on its tokens
     for m in STAGE1:
         out = os.path.join(root, m)
@@ -153,7 +169,7 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
         "--batch-size",
         "32",
     ]
-    for m in sorted(set(TABLE2) | set(TABLE3)):
+    for m in sorted((set(TABLE2) | set(TABLE3)) & scope):
         out = os.path.join(root, "eval", m)
         if not os.path.exists(os.path.join(out, "metrics.json")):
             timings[f"seed{seed}/eval/{m}"] = run(
@@ -400,6 +416,8 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         return [r[stage][model].get(key) for r in per_seed]
 
     n = len(per_seed)
+    family = getattr(args, "family", "all")
+    only = f"Only the {family} family's models (`--family {family}`). " if family != "all" else ""
     lines = [
         "# Tables 1-3 on the synthetic benchmark",
         "",
@@ -407,7 +425,7 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         "over seeds when there are several). Budgets: stage 1 "
         f"{args.stage1_steps} steps, stage 2 {args.stage2_steps} steps at lr {args.stage2_lr:g}, batch 8, on "
         f"{args.machine}. "
-        f"Evaluated on the first {args.eval_samples} held-out val scenes. "
+        f"Evaluated on the first {args.eval_samples} held-out val scenes. {only}"
         f"Wall-clock of all parts: {total_s / 60:.1f} min.",
         "",
         "FSD is the Frechet distance in the feature space of a small segmenter trained on real synthetic images "
@@ -432,7 +450,7 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         "| model | SSIM ↑ | PSNR (dB) ↑ | FSD ↓ |",
         "|---|---|---|---|",
     ]
-    for m in TABLE2:
+    for m in [m for m in TABLE2 if all(m in r["stage1"] for r in per_seed)]:
         lines.append(
             f"| {m} | {_cell(col('stage1', m, 'ssim'), 1, 4)} | {_cell(col('stage1', m, 'psnr_db'), 1, 2)} | "
             f"{_cell(col('stage1', m, 'fsd'))} |"
@@ -447,7 +465,7 @@ def report(per_seed: list[dict], args, timings: dict, total_s: float) -> str:
         "| model | mIoU (%) ↑ | pixel acc. (%) | mIoU from the map alone (%) |",
         "|---|---|---|---|",
     ]
-    for m in TABLE3:
+    for m in [m for m in TABLE3 if all(m in r["stage1"] for r in per_seed)]:
         lines.append(
             f"| {m} | {_cell(col('stage1', m, 'semantic_miou'), 100, 2)} | "
             f"{_cell(col('stage1', m, 'semantic_pixel_acc'), 100, 2)} | "
@@ -514,6 +532,12 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--top-k", type=int, default=None, help="default: gpt_tiny's sample.top_k")
     p.add_argument("--machine", default="a 2-core CPU machine")
+    p.add_argument(
+        "--family",
+        choices=("all", *FAMILIES),
+        default="all",
+        help="Table 1's models of one family (gan: VQGAN-T and the sVQGAN-Ts with their stage-1 models) or all",
+    )
     p.add_argument(
         "--conditions",
         default="reference,map",

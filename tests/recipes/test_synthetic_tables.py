@@ -243,3 +243,25 @@ def test_a_seed_whose_evaluations_are_on_disk_trains_only_what_is_missing(tmp_pa
     trained = [c.split("--run.out_dir=")[1].split()[0].rsplit("/", 1)[1] for c in commands if "--run.out_dir=" in c]
     assert trained == ["svqgan", "gpt_svqgan_map"]
     assert sum("evaluate.py" in c for c in commands) == 1
+
+
+def test_family_gan_trains_the_gan_comparison_only(tmp_path, monkeypatch):
+    """--family gan: VQGAN-T against the sVQGAN-Ts in both conditions, with the stage-1 models they read."""
+    commands = []
+
+    def fake_run(cmd, log):
+        if "evaluate.py" in " ".join(cmd):
+            raise SystemExit  # every training is recorded; stop at the first evaluation
+        commands.append(next(a for a in cmd if a.startswith("--run.out_dir=")).rsplit("/", 1)[1])
+        return 0.0
+
+    monkeypatch.setattr(st, "run", fake_run)
+    args = argparse.Namespace(out=str(tmp_path), train_samples=8, stage1_steps=4, stage2_steps=4, seeds=[0],
+                              stage2_lr=st.STAGE2_LR, conditions=["reference", "map"], eval_samples=8,
+                              family="gan", machine="m")  # fmt: skip
+    with pytest.raises(SystemExit):
+        st.train_seed(0, args, str(tmp_path / "data"), "seg", {})
+    assert commands == ["semantic_vqvae", "vqgan", "svqgan", "gpt_vqgan", "gpt_svqgan", "gpt_svqgan_map"]
+    one_seed = {"stage1": {"vqgan": {"ssim": 0.4}, "svqgan": {"ssim": 0.5}}, "stage2": {}}
+    text = st.report([one_seed], argparse.Namespace(**{**vars(args), "stage2_lr": 1e-3}), {}, 60.0)
+    assert "| vqgan |" in text and "| vqvae |" not in text and "--family gan" in text  # rows of trained models only
