@@ -190,31 +190,30 @@ def train_seed(seed: int, args, data: str, segmenter: str, timings: dict) -> dic
             )
         with open(os.path.join(out, "metrics.json")) as f:
             results["stage2"][name] = json.load(f)["metrics"]
-    if seed == args.seeds[0]:  # Figure 3: the same maps, three samples each, coupled vs separate
-        for name in FIGURE:
-            folder = grid_folder(args.out, name)
-            if name not in models or os.path.exists(os.path.join(folder, "grid.png")):
-                continue
-            run(
-                recipe("sample.py")
-                + [
-                    "--gpt",
-                    os.path.join(root, gpt_dir(name), "export"),
-                    "--out",
-                    folder,
-                    "--condition",
-                    STAGE2[name][2],
-                    "--num-maps",
-                    "6",
-                    "--samples-per-map",
-                    "3",
-                    "--top-k",
-                    str(args.top_k),
-                    "--seed",
-                    "0",
-                ],
-                os.path.join(logs, f"sample_{name.replace(' ', '_')}.log"),
-            )
+    for name in figure:  # Figure 3 (first seed): the same maps, three samples each, coupled vs separate
+        folder = grid_folder(args.out, name)
+        if name not in models or gridded(name):
+            continue
+        run(
+            recipe("sample.py")
+            + [
+                "--gpt",
+                os.path.join(root, gpt_dir(name), "export"),
+                "--out",
+                folder,
+                "--condition",
+                STAGE2[name][2],
+                "--num-maps",
+                "6",
+                "--samples-per-map",
+                "3",
+                "--top-k",
+                str(args.top_k),
+                "--seed",
+                "0",
+            ],
+            os.path.join(logs, f"sample_{name.replace(' ', '_')}.log"),
+        )
     return results
 
 
