@@ -165,8 +165,7 @@ class Stage2Task:
         )  # fmt: skip
 
     def step(self, b: int, x: torch.Tensor, s: torch.Tensor, scorer: Scorer, keys=None) -> None:
-        _, img = self.tokenizer(x, s)  # the scene's own image tokens: (B, N)
-        sem = self.tokenizer.semantic_tokens(x, s, self.condition)  # (B, P)
+        sem, img = self.tokenizer.tokens(x, s, self.condition)  # z_s to sample on (B, P), the scene's z_x (B, N)
         gen = torch.Generator(device=self.dev).manual_seed(self.seed * 1_000_003 + b)  # by global batch number
         tokens = sample_image_tokens(self.gpt, sem, generator=gen, **self.sampling)
         images = quantize_uint8(self.tokenizer.decode(sem, tokens, self.grid))  # (B, 3, H, W)

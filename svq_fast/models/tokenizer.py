@@ -63,6 +63,15 @@ class Tokenizer:
         return self.image_model.encode(x, s)["indices_s"].flatten(1)
 
     @torch.no_grad()
+    def tokens(self, x: torch.Tensor, s: torch.Tensor, condition: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition tokens of the given kind (B, P), the scene's image tokens (B, N)): one encoder call when the
+        condition is the one this tokenizer trains on (or its z_s reads the map either way), two otherwise."""
+        sem, img = self(x, s)
+        if self.semantic_model is None and condition != self.condition:
+            sem = self.semantic_tokens(x, s, condition)
+        return sem, img
+
+    @torch.no_grad()
     def decode(self, sem_tokens: torch.Tensor, img_tokens: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
         """Image tokens (B, N) (+ the condition for the coupled decoder) -> images (B, 3, H, W) in [-1, 1]. grid: the
         latent grid's side, or (rows, columns) for the larger / non-square grids of sliding-window sampling."""

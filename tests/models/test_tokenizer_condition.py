@@ -45,3 +45,19 @@ def test_a_separate_semantic_model_is_a_map_condition():
     image = _coupled_model()
     semantic = _coupled_model()
     assert Tokenizer(image, semantic, condition="reference").condition == "map"
+
+
+@pytest.mark.parametrize("trained_on", ["reference", "map"])
+@pytest.mark.parametrize("sampled_on", ["reference", "map"])
+def test_tokens_of_a_condition_read_the_encoder_once_when_it_is_the_trained_one(trained_on, sampled_on):
+    model = _coupled_model()
+    tok = Tokenizer(model, condition=trained_on)
+    x, s = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randint(0, 5, (2, 16, 16))
+    calls = []
+    encode = model.encode
+    model.encode = lambda *a: calls.append(1) or encode(*a)
+    sem, img = tok.tokens(x, s, sampled_on)
+    assert len(calls) == (1 if trained_on == sampled_on else 2)
+    model.encode = encode
+    assert torch.equal(sem, tok.semantic_tokens(x, s, sampled_on))
+    assert torch.equal(img, tok(x, s)[1])
