@@ -4,6 +4,9 @@ A map fixes what is where, not colours and textures. The synthetic generator re-
 image-only draws (data/synthetic.py, `texture_seed`): K such re-renders are the real spread of one map. Rows (K draws
 per map, the first `maps` held-out maps):
 - real re-renders                 texture seeds 0..K-1 of the map's own scene
+- decodes, the re-renders' z_x    decoder(z_s, z_x of each re-render): stage 1's ceiling for any GPT, whose best is
+                                  to draw z_x as real images of the map have them (blur and lost texture detail
+                                  lower this row's pixel spread, not the GPT)
 - GPT samples, map-only z_s       z_s from the map alone (encode_semantic), the evaluation's sampling settings
 - GPT samples, reference z_s      z_s from (real image, map), as in the paper
 - decodes, other scenes' z_x      decoder(z_s, z_x of the K next scenes in the batch)
@@ -39,8 +42,8 @@ from svq_fast.eval.sampling import sample_image_tokens
 from svq_fast.models.slices import in_slices
 
 REAL, MAP, REF = "real re-renders", "GPT samples, map-only z_s", "GPT samples, reference z_s"
-OTHER, RANDOM = "decodes, other scenes' z_x", "decodes, random z_x"
-ROWS = (REAL, MAP, REF, OTHER, RANDOM)
+CEILING, OTHER, RANDOM = "decodes, the re-renders' z_x", "decodes, other scenes' z_x", "decodes, random z_x"
+ROWS = (REAL, CEILING, MAP, REF, OTHER, RANDOM)
 PROBE_MIN_PIXELS, PROBE_MIN_GAP, PROBE_BAR = 16, 0.1, 0.75
 NO_RERENDERS = "n/a (held-out shards are not synthetic scenes: no re-renders)"
 
@@ -163,13 +166,16 @@ class Diversity:
         sem = {c: tok.semantic_tokens(x, s, c) for c in ("map", "reference")}  # (B, P) each
         gen = torch.Generator(device=x.device).manual_seed(task.seed * 1_000_003 + b + 7_919_000)
         draws: dict[str, torch.Tensor] = {}
+        zs = sem[task.condition]
         if self.rerenders.available:
-            draws[REAL] = self.rerenders.render(keys[:m], k, s[:m])
+            draws[REAL] = self.rerenders.render(keys[:m], k, s[:m])  # (m K, 3, H, W)
+            s_k, zs_k = s[:m].repeat_interleave(k, 0), zs[:m].repeat_interleave(k, 0)
+            draws[CEILING] = tok.decode(zs_k, tok(draws[REAL], s_k)[1], grid)  # no generator: the rows below
+            # draw the same random numbers with or without this row
         # a separate semantic model reads the map alone: its "reference" z_s are its map-only ones, one row says it
         for name, c in ((MAP, "map"), (REF, "reference"))[: 1 if tok.semantic_model is not None else 2]:
-            zs = sem[c][:m].repeat_interleave(k, 0)  # (m K, P)
-            draws[name] = tok.decode(zs, sample_image_tokens(task.gpt, zs, generator=gen, **task.sampling), grid)
-        zs = sem[task.condition]
+            zs_c = sem[c][:m].repeat_interleave(k, 0)  # (m K, P)
+            draws[name] = tok.decode(zs_c, sample_image_tokens(task.gpt, zs_c, generator=gen, **task.sampling), grid)
         bsz = x.shape[0]
         other = torch.stack([img.roll(j, 0)[:m] for j in range(1, k + 1)], 1).flatten(0, 1)  # (m K, N)
         if bsz > 1:  # with one scene in the batch there is no other scene's z_x

@@ -386,7 +386,8 @@ def test_stage2_diversity_rows_and_protocol(assets):
     res, md = _run(assets, tmp / "out_div", *args)
     d = res["metrics"]["diversity"]
     names = [r["images"] for r in d["rows"]]
-    assert names == ["real re-renders", "GPT samples, map-only z_s", "GPT samples, reference z_s",
+    assert names == ["real re-renders", "decodes, the re-renders' z_x", "GPT samples, map-only z_s",
+                     "GPT samples, reference z_s",
                      "decodes, other scenes' z_x", "decodes, random z_x"]  # fmt: skip
     assert all(r["maps"] == 3 for r in d["rows"]) and d["draws_per_map"] == 3
     real = d["rows"][0]
