@@ -277,14 +277,16 @@ def present(per_seed: list[dict]) -> list[str]:
 
 
 # the diversity rows of svq_fast/eval/diversity.py shown per model: (row name, label)
-DIVERSITY_ROWS = (("GPT samples, map-only z_s", "map alone"), ("GPT samples, reference z_s", "reference"))
+DIVERSITY_ROWS = (("GPT samples, map-only z_s", "samples, map-only z_s"),
+                  ("GPT samples, reference z_s", "samples, reference z_s"),
+                  ("decodes, the re-renders' z_x", "decodes of the re-renders' z_x (stage 1's ceiling)"))  # fmt: skip
 
 
 def diversity_table(per_seed: list[dict]) -> list[str]:
     """The within-map spread of each GPT's samples (4 draws per map) as a ratio to real re-renders of the same maps,
     in pixels and segmenter features, the FSD of the draws to the re-renders and the colour distance to the
     reference image; a coupled GPT sampled with both kinds of z_s has a row for each (a separate model's z_s reads
-    the map alone either way)."""
+    the map alone either way), and the decodes of the re-renders' own z_x say how far its stage 1 can spread."""
     rows = []
     for model in present(per_seed):
         for images, label in DIVERSITY_ROWS:
@@ -307,7 +309,7 @@ def diversity_table(per_seed: list[dict]) -> list[str]:
         f"the reference {real_col}. Copy ratio: colour distance to the reference over that to a re-render of the "
         "map (~1: independent of the reference; below 1: the samples copy its appearance).",
         "",
-        "| model | samples' z_s | pixel spread ratio | feature spread ratio | FSD to re-renders | colour to reference "
+        "| model | draws | pixel spread ratio | feature spread ratio | FSD to re-renders | colour to reference "
         "| copy ratio |",
         "|---|---|---|---|---|---|---|",
         *rows,

@@ -188,11 +188,17 @@ def test_diversity_table_and_pairs_of_the_map_only_models():
         {"images": "GPT samples, map-only z_s", "pixel_l1": 0.13, "pixel_ratio": 0.7, "feature_ratio": 0.8,
          "fsd_to_rerenders": 1.5, "colour_distance_to_reference": 0.25, "reference_copy_ratio": 0.98},
         {"images": "GPT samples, reference z_s", "pixel_l1": 0.03, "pixel_ratio": 0.16, "feature_ratio": 0.2,
-         "fsd_to_rerenders": 4.0, "colour_distance_to_reference": 0.07, "reference_copy_ratio": 0.3}]}  # fmt: skip
+         "fsd_to_rerenders": 4.0, "colour_distance_to_reference": 0.07, "reference_copy_ratio": 0.3},
+        {"images": "decodes, the re-renders' z_x", "pixel_l1": 0.14, "pixel_ratio": 0.75, "feature_ratio": 1.1,
+         "fsd_to_rerenders": 2.0, "colour_distance_to_reference": 0.3, "reference_copy_ratio": 1.0}]}  # fmt: skip
     seeds[0]["stage2"]["sVQGAN-T"]["diversity"] = div
     lines = st.diversity_table(seeds)
-    assert "| sVQGAN-T | map alone | 0.70 | 0.80 | 1.500 | 0.250 | 0.98 |" in lines
-    assert "| sVQGAN-T | reference | 0.16 | 0.20 | 4.000 | 0.070 | 0.30 |" in lines
+    assert "| sVQGAN-T | samples, map-only z_s | 0.70 | 0.80 | 1.500 | 0.250 | 0.98 |" in lines
+    assert "| sVQGAN-T | samples, reference z_s | 0.16 | 0.20 | 4.000 | 0.070 | 0.30 |" in lines
+    assert (
+        "| sVQGAN-T | decodes of the re-renders' z_x (stage 1's ceiling) | 0.75 | 1.10 | 2.000 | 0.300 | 1.00 |"
+        in lines
+    )
     assert any("pixel L1 between draws 0.190" in line for line in lines)
     assert st.diversity_table([_seed_results(0.0)]) == []  # no diversity recorded: no section
     pairs = [line for line in st.coupled_vs_separate(seeds) if line.startswith("| sVQGAN-T map z_s vs VQGAN-T")]
