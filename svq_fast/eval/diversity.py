@@ -170,7 +170,7 @@ class Diversity:
         if self.rerenders.available:
             draws[REAL] = self.rerenders.render(keys[:m], k, s[:m])  # (m K, 3, H, W)
             s_k, zs_k = s[:m].repeat_interleave(k, 0), zs[:m].repeat_interleave(k, 0)
-            draws[CEILING] = tok.decode(zs_k, tok(draws[REAL], s_k)[1], grid)  # no generator: the rows below
+            draws[CEILING] = tok.decode(zs_k, tok.image_tokens(draws[REAL], s_k), grid)  # no generator: the rows below
             # draw the same random numbers with or without this row
         # a separate semantic model reads the map alone: its "reference" z_s are its map-only ones, one row says it
         for name, c in ((MAP, "map"), (REF, "reference"))[: 1 if tok.semantic_model is not None else 2]:

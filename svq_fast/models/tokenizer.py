@@ -63,6 +63,13 @@ class Tokenizer:
         return self.image_model.encode(x, s)["indices_s"].flatten(1)
 
     @torch.no_grad()
+    def image_tokens(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W), s (B, H, W) -> the scenes' image tokens (B, N) alone, without a z_s reading."""
+        if self.semantic_model is None:
+            return self.image_model.encode(x, s)["indices_x"].flatten(1)
+        return self.image_model.encode(x, None)["indices_x"].flatten(1)
+
+    @torch.no_grad()
     def tokens(self, x: torch.Tensor, s: torch.Tensor, condition: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(condition tokens of the given kind (B, P), the scene's image tokens (B, N)): one encoder call when the
         condition is the one this tokenizer trains on (or its z_s reads the map either way), two otherwise."""
