@@ -89,6 +89,10 @@ class SVQModelConfig:
     # Training only: probability per sample that the image decoder gets another sample's z_x, so the layout has to
     # come from sg[z_s] (coupled models; 0 = off, the paper).
     latent_swap: float = 0.0
+    # What a swapped decode is trained towards: "image", the sample's own image (its appearance then has to come from
+    # z_s), or "recoloured", that image with each class's mean colour moved to the z_x donor's (models/svq/
+    # swap_target.py; measured in benchmarks/results/issue29_condition_cpu/README.md).
+    latent_swap_target: Literal["image", "recoloured"] = "image"
     # Run the conv nets (generator and discriminator) in the channels-last memory format: every Conv2d input is
     # made NHWC (train/engine.py); parameters and checkpoints keep the default layout.
     channels_last: bool = False

@@ -163,6 +163,7 @@ class Stage1(Stage):
         touch x_hat itself."""
         cfg = self.cfg.loss
         x_hat = out["x_hat"]
+        x = out.get("x_target", x)  # a swapped decode's target differs from its input under latent_swap_target
         leaf = x_hat.detach().requires_grad_(True)
         weight = None  # (B, 1, H, W): each pixel by its class in the map, or unweighted
         if self.image_class_weight is not None:

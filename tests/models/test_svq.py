@@ -4,6 +4,7 @@ import torch
 from svq_fast.config import QuantizerConfig, SVQModelConfig
 from svq_fast.models.svq import PatchDiscriminator, SVQModel
 from svq_fast.models.svq.subpixel_decoder import SubpixelDecoder
+from svq_fast.models.svq.swap_target import recoloured_swap_target
 
 
 def tiny(kind="svq", **kw):
@@ -230,13 +231,33 @@ def test_latent_swap_draws_use_their_own_checkpointed_generator():
     model restored from a state dict draws the same swaps as the one it was saved from (exact resume)."""
     a, b = tiny("svq", latent_swap=0.5), tiny("svq", latent_swap=0.5)
     z = torch.arange(16.0).view(16, 1, 1, 1).expand(16, 8, 2, 2)  # sample i holds the value i
-    first = a._swap_image_latents(z)
+    first, _ = a._swap_image_latents(z)
     b.load_state_dict(a.state_dict())
     assert int(b.latent_swap_draws) == 1
     state = torch.get_rng_state()
-    second_a, second_b = a._swap_image_latents(z), b._swap_image_latents(z)
+    (second_a, mask_a), (second_b, _) = a._swap_image_latents(z), b._swap_image_latents(z)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(second_a, second_b)
     assert not torch.equal(first, second_a)  # a new draw per forward
     swapped = second_a[:, 0, 0, 0] != z[:, 0, 0, 0]
+    assert torch.equal(swapped, mask_a)  # the mask it returns says which samples it swapped
     assert 0 < int(swapped.sum()) < 16 and torch.equal(second_a[swapped, 0, 0, 0], z.roll(1, 0)[swapped, 0, 0, 0])
+
+
+@pytest.mark.parametrize("target", ["image", "recoloured"])
+def test_latent_swap_target_is_returned_for_the_recoloured_target_only(target):
+    """latent_swap_target="recoloured": the forward returns the swapped samples' targets (x_target) for the image
+    terms; the default leaves the target to be x (no x_target), and so does evaluation."""
+    torch.manual_seed(0)
+    m = tiny("svq", latent_swap=1.0, latent_swap_target=target)
+    x, s = batch(3)
+    out = m(x, s)
+    if target == "image":
+        assert "x_target" not in out
+    else:
+        expected = recoloured_swap_target(x, s, torch.ones(3, dtype=torch.bool), 5, 255)
+        torch.testing.assert_close(out["x_target"], expected)
+        assert not torch.equal(out["x_target"], x)
+    m.eval()
+    with torch.no_grad():
+        assert "x_target" not in m(x, s)

@@ -24,6 +24,7 @@ from svq_fast.nn.semantic_patch import SemanticPatchEmbed
 from .decoder import Decoder
 from .encoder import Encoder
 from .subpixel_decoder import SubpixelDecoder
+from .swap_target import recoloured_swap_target
 
 
 class SVQModel(nn.Module):
@@ -203,14 +204,15 @@ class SVQModel(nn.Module):
         bias = self.semantic_log_class_weight.to(logits.device, logits.dtype)
         return (logits - bias.view(1, -1, 1, 1)).softmax(1)
 
-    def _swap_image_latents(self, z_x: torch.Tensor) -> torch.Tensor:
+    def _swap_image_latents(self, z_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training only, with probability cfg.latent_swap per sample: decode with the previous sample's z_x
-        (B, D, h, w), so that the decoder must take the layout from sg[z_s] rather than from z_x."""
+        (B, D, h, w), so that the decoder must take the layout from sg[z_s] rather than from z_x.
+        -> (the z_x to decode, (B,) bool on z_x's device: which samples were swapped, or None when none can be)."""
         p = self.cfg.latent_swap
         if not (self.training and p > 0 and self.has_semantic and z_x.shape[0] > 1):
-            return z_x
-        swap = latent_swap_mask_op(self.latent_swap_draws, z_x.shape[0], float(p))  # (B,) bool, CPU
-        return torch.where(swap.to(z_x.device).view(-1, 1, 1, 1), z_x.roll(1, 0), z_x)
+            return z_x, None
+        swap = latent_swap_mask_op(self.latent_swap_draws, z_x.shape[0], float(p)).to(z_x.device)  # (B,) bool
+        return torch.where(swap.view(-1, 1, 1, 1), z_x.roll(1, 0), z_x), swap
 
     def decode_semantic(self, z_s: torch.Tensor) -> torch.Tensor:
         return self.decoder_s(self.post_quant_s(z_s))  # (B, num_classes, H, W) logits
@@ -254,9 +256,13 @@ class SVQModel(nn.Module):
         if self.has_semantic:
             out["s_logits"] = self.decode_semantic(out["z_s"])
         if self.has_image:
+            z_x, swapped = self._swap_image_latents(out["z_x"])
             out["x_hat"], out["x_hat_hidden"] = self.decode_image(
-                self._swap_image_latents(out["z_x"]), out.get("z_s"), s_logits=out.get("s_logits"), with_hidden=True
+                z_x, out.get("z_s"), s_logits=out.get("s_logits"), with_hidden=True
             )
+            if swapped is not None and self.cfg.latent_swap_target == "recoloured":
+                # what the image terms compare x_hat with (the trainer's default is x)
+                out["x_target"] = recoloured_swap_target(x, s, swapped, self.cfg.num_classes, self.cfg.ignore_index)
         return out
 
     def image_last_layer(self) -> nn.Conv2d:
