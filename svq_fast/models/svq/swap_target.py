@@ -10,14 +10,18 @@ from __future__ import annotations
 import torch
 
 
+def _class_bins(s: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """(B, H, W) class ids -> (B, HW) bins: the class, or the extra bin num_classes for ignore_index pixels."""
+    return torch.where(s == ignore_index, num_classes, s).flatten(1)
+
+
 def class_mean_colours(
     x: torch.Tensor, s: torch.Tensor, num_classes: int, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H, W) images and (B, H, W) class ids -> ((B, C, 3) mean colour of each class, (B, C) pixel counts);
     classes absent from a map get colour 0 and count 0, pixels labelled ignore_index count for no class."""
     b = x.shape[0]
-    labels = s.reshape(b, -1)
-    labels = torch.where(labels == ignore_index, num_classes, labels)  # (B, HW); the extra bin collects ignored pixels
+    labels = _class_bins(s, num_classes, ignore_index)  # (B, HW)
     pixels = x.float().flatten(2).transpose(1, 2)  # (B, HW, 3)
     sums = pixels.new_zeros(b, num_classes + 1, 3).scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, 3), pixels)
     counts = pixels.new_zeros(b, num_classes + 1).scatter_add_(1, labels, torch.ones_like(labels, dtype=pixels.dtype))
@@ -36,7 +40,7 @@ def recoloured_swap_target(
     shared = (counts > 0) & (counts.roll(1, 0) > 0)  # (B, C)
     shift = torch.where(shared.unsqueeze(-1), means.roll(1, 0) - means, 0.0)  # (B, C, 3)
     shift = torch.cat([shift, shift.new_zeros(shift.shape[0], 1, 3)], 1)  # ignored pixels: no shift
-    labels = torch.where(s == ignore_index, num_classes, s).flatten(1)  # (B, HW)
+    labels = _class_bins(s, num_classes, ignore_index)  # (B, HW)
     per_pixel = shift.gather(1, labels.unsqueeze(-1).expand(-1, -1, 3))  # (B, HW, 3)
     recoloured = (x.float() + per_pixel.transpose(1, 2).reshape(x.shape)).clamp(-1.0, 1.0)
     return torch.where(swapped.view(-1, 1, 1, 1), recoloured, x.float()).to(x.dtype)
