@@ -64,7 +64,8 @@ class Tokenizer:
 
     @torch.no_grad()
     def image_tokens(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """x (B, 3, H, W), s (B, H, W) -> the scenes' image tokens (B, N) alone, without a z_s reading."""
+        """x (B, 3, H, W), s (B, H, W) -> the scenes' image tokens (B, N) alone: an encoder pass over the B scenes,
+        without the map-only half of the 2B batch that __call__ encodes for a map-condition tokenizer."""
         if self.semantic_model is None:
             return self.image_model.encode(x, s)["indices_x"].flatten(1)
         return self.image_model.encode(x, None)["indices_x"].flatten(1)

@@ -163,20 +163,20 @@ class Stage1(Stage):
         touch x_hat itself."""
         cfg = self.cfg.loss
         x_hat = out["x_hat"]
-        x = out.get("x_target", x)  # a swapped decode's target differs from its input under latent_swap_target
+        target = out.get("x_target", x)  # what x_hat should be: x, or a swapped decode's latent_swap_target
         leaf = x_hat.detach().requires_grad_(True)
         weight = None  # (B, 1, H, W): each pixel by its class in the map, or unweighted
         if self.image_class_weight is not None:
             weight = pixel_weights(s, self.image_class_weight, self.cfg.model.ignore_index)
-        rec = reconstruction_loss(leaf, x, l1_weight=cfg.l1_weight, l2_weight=cfg.l2_weight, pixel_weight=weight)
+        rec = reconstruction_loss(leaf, target, l1_weight=cfg.l1_weight, l2_weight=cfg.l2_weight, pixel_weight=weight)
         logs = {"rec": rec.detach()}
         nll = rec
         if self.perceptual is not None:
-            p_loss = self.perceptual(leaf, x)
+            p_loss = self.perceptual(leaf, target)
             nll = nll + cfg.perceptual_weight * p_loss
             logs["lpips"] = p_loss.detach()
         if cfg.texture_weight:
-            t_loss = texture_loss(leaf, x, cfg.texture_window, pixel_weight=weight)
+            t_loss = texture_loss(leaf, target, cfg.texture_window, pixel_weight=weight)
             nll = nll + cfg.texture_weight * t_loss
             logs["texture"] = t_loss.detach()
         image_loss = nll

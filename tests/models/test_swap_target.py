@@ -3,6 +3,8 @@
 import torch
 
 from svq_fast.models.svq.swap_target import class_mean_colours, recoloured_swap_target
+from svq_fast.named_configs import svqgan_tiny
+from svq_fast.train.stage1 import Stage1
 
 C, IGNORE = 4, 255
 
@@ -64,9 +66,6 @@ def test_recoloured_target_stays_in_the_image_range_and_dtype():
 
 
 def test_stage1_image_terms_compare_with_the_swap_target_when_the_forward_returns_one():
-    from svq_fast.named_configs import svqgan_tiny
-    from svq_fast.train.stage1 import Stage1
-
     cfg = svqgan_tiny()
     cfg.loss.gan = False
     stage = Stage1.__new__(Stage1)  # only image_terms: no engines, loader or discriminator needed
